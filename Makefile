@@ -1,0 +1,46 @@
+# Every target sets up what it needs: on a fresh machine `make train-local` and `make test` are enough.
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+DATA    ?= data/fashion-mnist
+EPOCHS  ?= 10
+WORKERS ?= 2
+OUTPUT  ?= runs/local
+MODEL   ?= seed
+DEBIAN_DATA := /usr/share/datasets/fashion-mnist
+SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: setup data train-local test lint fashion-mnist-source
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# The official IDX files: $FASHION_MNIST_DIR if set, else Debian's dataset-fashion-mnist package.
+fashion-mnist-source:
+	@if [ -z "$$FASHION_MNIST_DIR" ] && [ ! -e $(DEBIAN_DATA)/train-images-idx3-ubyte.gz ]; then \
+	  if command -v apt-get >/dev/null; then \
+	    echo "installing Debian package dataset-fashion-mnist"; \
+	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	  else \
+	    echo "error: no Fashion-MNIST IDX files: set FASHION_MNIST_DIR to a directory holding them" >&2; \
+	    exit 2; \
+	  fi; \
+	fi
+
+data: setup fashion-mnist-source
+	$(PY) -m job prepare-data --out $(DATA)
+
+train-local: data
+	$(PY) -m job train --data $(DATA) --epochs $(EPOCHS) --num-workers $(WORKERS) \
+	  --model $(MODEL) --output $(OUTPUT)
+
+test: setup fashion-mnist-source
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check job tests

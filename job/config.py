@@ -1,0 +1,111 @@
+"""JobConfig: the one place where the job's settings and their defaults live.
+
+Flags, an optional config file (TOML or JSON) and these defaults are merged in that order of
+precedence by `job.cli`; everything downstream receives a frozen, validated JobConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODEL_NAMES = ("seed", "strong")
+
+
+class JobError(Exception):
+    """A problem with the user's input or environment; the CLI prints it as one line, exit 2."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    data: str  # Parquet dataset written by `prepare-data` (local path or pyarrow.fs URI)
+    output: str = "runs/local"  # metrics.json, exported model, plots
+    storage_path: str = "runs/checkpoints"  # Ray Train checkpoints (shared storage on a cluster)
+    name: str = ""  # Ray run name; empty = derived from the training settings (see run_name)
+    model: str = "seed"  # one of MODEL_NAMES; "seed" is the reference notebook's CNN
+    epochs: int = 10
+    num_workers: int = 2
+    batch_size: int = 64  # GLOBAL batch, split evenly across all replicas
+    learning_rate: float = 1e-3  # Adam's default, as in the reference
+    seed: int = 0
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 0  # worker-group restarts Ray may make from the last checkpoint
+    ray_address: str = ""  # empty = $RAY_ADDRESS, else a private local Ray on 127.0.0.1
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        checks = [
+            (self.epochs >= 1, f"--epochs must be >= 1 (got {self.epochs})"),
+            (self.num_workers >= 1, f"--num-workers must be >= 1 (got {self.num_workers})"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
+            (
+                self.batch_size % self.num_workers == 0,
+                f"--batch-size {self.batch_size} (global) must divide evenly across "
+                f"--num-workers {self.num_workers}",
+            ),
+            (self.learning_rate > 0, f"--learning-rate must be > 0 (got {self.learning_rate})"),
+            (self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})"),
+            (self.max_failures >= -1, f"--max-failures must be >= -1 (got {self.max_failures})"),
+            (self.model in MODEL_NAMES, f"--model must be one of {MODEL_NAMES} (got {self.model!r})"),
+            (bool(self.data), "--data is required"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise JobError(message)
+        if self.extra:
+            raise JobError(f"unknown config keys: {', '.join(sorted(self.extra))}")
+
+    @property
+    def run_name(self) -> str:
+        """The Ray run name: resuming means running again with the same name and storage path.
+
+        Derived from every setting that changes what is trained, so the same command resumes
+        its own run and a different command never picks up another run's checkpoints.
+        """
+        if self.name:
+            return self.name
+        recipe = {k: getattr(self, k) for k in TRAINING_FIELDS}
+        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.model}-w{self.num_workers}-e{self.epochs}-{digest}"
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+
+
+# Settings that define the trained model (and therefore the default run name).
+TRAINING_FIELDS = (
+    "data", "model", "epochs", "num_workers", "batch_size", "learning_rate", "seed", "use_gpu",
+)
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(JobConfig) if f.name != "extra")
+
+
+def load_config_file(path: str) -> dict:
+    """Read a TOML or JSON file of JobConfig fields (dashes or underscores in keys)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+        values = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    except FileNotFoundError:
+        raise JobError(f"config file not found: {path}") from None
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise JobError(f"config file {path} is not valid {p.suffix[1:] or 'TOML'}: {e}") from None
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def build_config(file_values: dict, flag_values: dict) -> JobConfig:
+    """Defaults < config file < flags. Unknown keys are rejected by JobConfig."""
+    merged = {**file_values, **flag_values}
+    known = {k: v for k, v in merged.items() if k in FIELD_NAMES}
+    unknown = {k: v for k, v in merged.items() if k not in FIELD_NAMES}
+    if not known.get("ray_address"):
+        known["ray_address"] = os.environ.get("RAY_ADDRESS", "")
+    try:
+        return JobConfig(**known, extra=unknown)
+    except TypeError as e:  # a value of the wrong type from a config file
+        raise JobError(f"bad config: {e}") from None

@@ -1,0 +1,222 @@
+"""The driver: JobConfig -> Ray TensorflowTrainer -> best checkpoint -> test score -> OUTPUT/.
+
+Runs on your laptop (`make train-local`, which starts a private Ray on 127.0.0.1) or on a Ray
+cluster's head (`ray job submit ... -- python -m job train ...`, where $RAY_ADDRESS is set).
+Nothing is written to OUTPUT until the run has finished; then OUTPUT is replaced in one rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+
+from job import data as D
+from job.config import JobConfig, JobError
+
+# TF_USE_LEGACY_KERAS must be set when a worker process starts (Ray setting it later is too
+# late): it makes any `tf.keras` inside TensorFlow resolve to tf-keras, which MWMS needs.
+WORKER_ENV = {
+    "TF_USE_LEGACY_KERAS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+METRICS_FILE = "metrics.json"
+
+
+def check_output_dir(cfg: JobConfig) -> None:
+    """OUTPUT may be missing, empty, or hold an earlier result of this same run."""
+    if not os.path.isdir(cfg.output) or not os.listdir(cfg.output):
+        return
+    try:
+        with open(os.path.join(cfg.output, METRICS_FILE)) as f:
+            previous = json.load(f).get("run_name")
+    except (OSError, ValueError):
+        previous = None
+    if previous != cfg.run_name:
+        held = f"run {previous!r}" if previous else "files of another kind"
+        raise JobError(f"output dir {cfg.output} holds {held}, not run {cfg.run_name!r}; "
+                       f"choose another --output or remove it")
+
+
+def start_ray(cfg: JobConfig) -> None:
+    if not cfg.ray_address:
+        # Ray's single-machine mode: every Ray process, and the addresses Ray Train hands to
+        # TensorFlow's collectives, stay on 127.0.0.1. Read when `ray` is first imported.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+
+    quiet = ray.LoggingConfig(log_level="ERROR")  # no PlacementGroupCleaner warning spam
+    if cfg.ray_address:
+        ray.init(address=cfg.ray_address, logging_config=quiet)
+    else:
+        ray.init(address="local", include_dashboard=False, logging_config=quiet)
+    have = ray.cluster_resources()
+    need = {"CPU": cfg.num_workers * cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        need["GPU"] = cfg.num_workers
+    for resource, amount in need.items():
+        if have.get(resource, 0) < amount:
+            raise JobError(f"cannot place {cfg.num_workers} workers: they need {amount:g} "
+                           f"{resource}, the Ray cluster has {have.get(resource, 0):g}")
+
+
+def fit(cfg: JobConfig):
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from job.train import train_loop_per_worker
+
+    class EpochSummary(ray.train.UserCallback):
+        """One line per epoch, printed by Ray's controller on the driver's console."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            m = metrics[0]
+            print(f"[{cfg.run_name}] epoch {m['epoch']}/{cfg.epochs}: loss {m['loss']:.4f} "
+                  f"acc {m['accuracy']:.4f} val_loss {m['val_loss']:.4f} "
+                  f"val_acc {m['val_accuracy']:.4f} ({m['epoch_seconds']:.1f}s)", flush=True)
+
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=storage_uri(cfg.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max"),
+            worker_runtime_env={"env_vars": WORKER_ENV},
+            callbacks=[EpochSummary()],
+            logging_config=ray.train.LoggingConfig(log_level="ERROR"),
+        ),
+    )
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        failures = getattr(e, "worker_failures", {}) or {}
+        first = next(iter(failures.values()), e)
+        raise JobError(f"training failed: {str(first).strip().splitlines()[-1]}") from None
+
+
+def storage_uri(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def best_checkpoint(result):
+    """(checkpoint, metrics) with the highest validation accuracy."""
+    if not result.best_checkpoints:
+        raise JobError("training produced no checkpoint")
+    return max(result.best_checkpoints, key=lambda cm: cm[1]["val_accuracy"])
+
+
+def load_checkpoint_model(cfg: JobConfig, checkpoint):
+    import tensorflow as tf
+
+    from job.model import build_model
+    from job.train import WEIGHTS_PREFIX
+
+    model = build_model(cfg.model, cfg.learning_rate)
+    with checkpoint.as_directory() as ckpt_dir:
+        tf.train.Checkpoint(model=model).read(os.path.join(ckpt_dir, WEIGHTS_PREFIX)).expect_partial()
+    return model
+
+
+def run_state(result) -> dict:
+    """Epoch count, per-epoch history and restart points, from the latest checkpoint."""
+    from job.train import load_state
+
+    with result.checkpoint.as_directory() as ckpt_dir:
+        return load_state(ckpt_dir)
+
+
+def score(model, images: np.ndarray, labels: np.ndarray) -> dict:
+    """Test loss/accuracy, per-class accuracy and the confusion matrix, from one predict pass."""
+    probs = model.predict(images.astype(np.float32) / 255.0, batch_size=1000, verbose=0)
+    picked = probs[np.arange(len(labels)), labels]
+    predicted = probs.argmax(axis=1)
+    confusion = np.zeros((D.NUM_CLASSES, D.NUM_CLASSES), dtype=int)
+    np.add.at(confusion, (labels, predicted), 1)
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
+    return {
+        "test_accuracy": float((predicted == labels).mean()),
+        "test_loss": float(-np.log(np.clip(picked, 1e-7, 1.0)).mean()),
+        "per_class_accuracy": dict(zip(D.CLASS_NAMES, per_class.round(4).tolist(), strict=True)),
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def run(cfg: JobConfig) -> dict:
+    started = time.perf_counter()
+    check_output_dir(cfg)
+    manifest = D.validate_dataset(cfg.data)
+    D.shard_files(manifest, "train", 0, cfg.num_workers)  # enough shards for every worker
+    start_ray(cfg)
+    print(f"[{cfg.run_name}] training {cfg.model} on {cfg.num_workers} worker(s), "
+          f"global batch {cfg.batch_size}, {cfg.epochs} epochs; checkpoints in "
+          f"{storage_uri(cfg.storage_path)}/{cfg.run_name}", flush=True)
+    result = fit(cfg)
+    checkpoint, best = best_checkpoint(result)
+    model = load_checkpoint_model(cfg, checkpoint)
+    state = run_state(result)
+    test = score(model, *D.read_split(cfg.data, "test", manifest))
+    history = state["history"]
+    metrics = {
+        "run_name": cfg.run_name,
+        "test_accuracy": test["test_accuracy"],
+        "test_loss": test["test_loss"],
+        "epochs_completed": state["epoch"],
+        "num_workers": cfg.num_workers,
+        "params": int(model.count_params()),
+        "model": cfg.model,
+        "best_epoch": best["epoch"],
+        "best_val_accuracy": best["val_accuracy"],
+        "checkpoint": checkpoint.path,
+        "epoch_seconds": [h["epoch_seconds"] for h in history],
+        "resumed_from_epochs": [s for s in state["starts"] if s > 0],
+        "history": history,
+        "per_class_accuracy": test["per_class_accuracy"],
+        "confusion_matrix": test["confusion_matrix"],
+        "config": cfg.to_dict(),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_output(cfg.output, model, metrics)
+    print(f"[{cfg.run_name}] test accuracy {metrics['test_accuracy']:.4f}, "
+          f"test loss {metrics['test_loss']:.4f} (best epoch {best['epoch']}); "
+          f"wrote {cfg.output}", flush=True)
+    return metrics
+
+
+def write_output(output: str, model, metrics: dict) -> None:
+    """Write everything into a sibling staging dir, then swap it in with renames."""
+    from job.report import write_figures
+
+    output = os.path.abspath(output.rstrip("/"))
+    staging, old = f"{output}.staging", f"{output}.old"
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    os.makedirs(staging)
+    model.save(os.path.join(staging, "model"))  # TF SavedModel: reloadable, servable
+    write_figures(staging, metrics)
+    with open(os.path.join(staging, METRICS_FILE), "w") as f:
+        json.dump(metrics, f, indent=1)
+    if os.path.exists(output):
+        os.rename(output, old)
+    os.rename(staging, output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def evaluate(model_path: str, data: str) -> dict:
+    import tf_keras as keras
+
+    if not os.path.isdir(model_path):
+        raise JobError(f"model not found: {model_path}")
+    model = keras.models.load_model(model_path)
+    test = score(model, *D.read_split(data, "test"))
+    return {"model": model_path, "data": data, "test_accuracy": test["test_accuracy"],
+            "test_loss": test["test_loss"], "per_class_accuracy": test["per_class_accuracy"]}

@@ -1,0 +1,81 @@
+"""The CNNs, by name. Build them inside `strategy.scope()` so their variables are mirrored.
+
+We use tf-keras (Keras 2) explicitly: Keras 3 fails under MultiWorkerMirroredStrategy with more
+than one worker.
+"""
+
+from __future__ import annotations
+
+import tf_keras as keras
+from tf_keras import layers
+
+from job.data import IMAGE_SIDE, NUM_CLASSES
+
+INPUT_SHAPE = (IMAGE_SIDE, IMAGE_SIDE, 1)
+
+
+def seed_cnn() -> keras.Model:
+    """The reference notebook's CNN, layer for layer: 841,546 parameters.
+
+    The softmax activation on the second convolution is unusual but is part of the reference.
+    """
+    return keras.Sequential([
+        keras.Input(INPUT_SHAPE),
+        layers.Conv2D(32, 3, padding="same", activation="linear"),
+        layers.LeakyReLU(alpha=0.1),
+        layers.MaxPooling2D(2, padding="same"),
+        layers.Conv2D(128, 3, padding="same", activation="softmax"),
+        layers.LeakyReLU(alpha=0.1),
+        layers.MaxPooling2D(2, padding="same"),
+        layers.Flatten(),
+        layers.Dense(128, activation="linear"),
+        layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
+    ], name="seed")
+
+
+def strong_cnn() -> keras.Model:
+    """A stronger option: batch norm, ReLU, dropout and light augmentation (flip + shift)."""
+
+    def conv_block(filters):
+        return [
+            layers.Conv2D(filters, 3, padding="same", use_bias=False),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.Conv2D(filters, 3, padding="same", use_bias=False),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.MaxPooling2D(2),
+            layers.Dropout(0.25),
+        ]
+
+    return keras.Sequential([
+        keras.Input(INPUT_SHAPE),
+        layers.RandomFlip("horizontal"),
+        layers.RandomTranslation(0.1, 0.1, fill_mode="constant"),
+        *conv_block(32),
+        *conv_block(64),
+        layers.Flatten(),
+        layers.Dense(256, use_bias=False),
+        layers.BatchNormalization(),
+        layers.ReLU(),
+        layers.Dropout(0.4),
+        layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
+    ], name="strong")
+
+
+MODELS = {"seed": seed_cnn, "strong": strong_cnn}
+
+
+def build_model(name: str, learning_rate: float, steps_per_epoch: int = 0,
+                epochs: int = 0) -> keras.Model:
+    """Build and compile a model. With a schedule horizon, "strong" decays its LR (cosine)."""
+    model = MODELS[name]()
+    if name == "strong" and steps_per_epoch and epochs:
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            learning_rate, decay_steps=steps_per_epoch * epochs, alpha=0.01)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
