@@ -106,6 +106,10 @@ def build_config(file_values: dict, flag_values: dict) -> JobConfig:
     if not known.get("ray_address"):
         known["ray_address"] = os.environ.get("RAY_ADDRESS", "")
     try:
-        return JobConfig(**known, extra=unknown)
+        cfg = JobConfig(**known, extra=unknown)
     except TypeError as e:  # a value of the wrong type from a config file
         raise JobError(f"bad config: {e}") from None
+    # Ray workers run in another directory: make local paths absolute, leave URIs alone.
+    local = {k: os.path.abspath(v) for k in ("data", "output", "storage_path")
+             if "://" not in (v := getattr(cfg, k))}
+    return dataclasses.replace(cfg, **local)

@@ -87,7 +87,7 @@ def fit(cfg: JobConfig):
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
-            storage_path=storage_uri(cfg.storage_path),
+            storage_path=cfg.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max"),
@@ -102,10 +102,6 @@ def fit(cfg: JobConfig):
         failures = getattr(e, "worker_failures", {}) or {}
         first = next(iter(failures.values()), e)
         raise JobError(f"training failed: {str(first).strip().splitlines()[-1]}") from None
-
-
-def storage_uri(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
 
 
 def best_checkpoint(result):
@@ -159,7 +155,7 @@ def run(cfg: JobConfig) -> dict:
     start_ray(cfg)
     print(f"[{cfg.run_name}] training {cfg.model} on {cfg.num_workers} worker(s), "
           f"global batch {cfg.batch_size}, {cfg.epochs} epochs; checkpoints in "
-          f"{storage_uri(cfg.storage_path)}/{cfg.run_name}", flush=True)
+          f"{cfg.storage_path}/{cfg.run_name}", flush=True)
     result = fit(cfg)
     checkpoint, best = best_checkpoint(result)
     model = load_checkpoint_model(cfg, checkpoint)

@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from job.cli import main
+from job.config import JobConfig, JobError, build_config, load_config_file
+
+
+def test_defaults_are_the_reference_recipe():
+    cfg = JobConfig(data="d")
+    assert (cfg.epochs, cfg.batch_size, cfg.num_workers, cfg.model, cfg.learning_rate) == (
+        10, 64, 2, "seed", 1e-3)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("epochs", 0, "--epochs must be >= 1"),
+    ("epochs", -3, "--epochs must be >= 1"),
+    ("num_workers", 0, "--num-workers must be >= 1"),
+    ("batch_size", 63, "must divide evenly across --num-workers 2"),
+    ("learning_rate", 0.0, "--learning-rate must be > 0"),
+    ("model", "resnet", "--model must be one of"),
+    ("max_failures", -2, "--max-failures must be >= -1"),
+])
+def test_bad_values_are_rejected_with_the_flag_named(field, value, message):
+    with pytest.raises(JobError, match=message):
+        JobConfig(data="d", **{field: value})
+
+
+def test_config_is_frozen():
+    with pytest.raises(AttributeError):
+        JobConfig(data="d").epochs = 3
+
+
+def test_flags_override_the_config_file(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('data = "from-file"\nepochs = 3\nnum-workers = 1\nbatch-size = 32\n')
+    cfg = build_config(load_config_file(str(path)), {"epochs": 5})
+    assert (cfg.data, cfg.epochs, cfg.num_workers, cfg.batch_size) == ("from-file", 5, 1, 32)
+
+
+def test_json_config_files_work_and_unknown_keys_are_rejected(tmp_path):
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({"data": "d", "epoch": 3}))
+    with pytest.raises(JobError, match="unknown config keys: epoch"):
+        build_config(load_config_file(str(path)), {})
+
+
+def test_run_name_follows_the_training_recipe_only():
+    base = JobConfig(data="d")
+    assert base.run_name == JobConfig(data="d", output="elsewhere", max_failures=3).run_name
+    assert base.run_name != JobConfig(data="d", learning_rate=1e-4).run_name
+    assert base.run_name != JobConfig(data="d", epochs=3).run_name
+    assert JobConfig(data="d", name="mine").run_name == "mine"
+
+
+def test_cli_rejects_bad_epochs_in_one_line(capsys, small_data, tmp_path):
+    assert main(["train", "--data", small_data, "--epochs", "0", "--output", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == "error: --epochs must be >= 1 (got 0)\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_reports_a_missing_config_file(capsys):
+    assert main(["train", "--config", "/nonexistent.toml"]) == 2
+    assert "config file not found: /nonexistent.toml" in capsys.readouterr().err

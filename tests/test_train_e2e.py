@@ -1,0 +1,110 @@
+"""End-to-end: real Ray, 2 real MWMS workers, real Parquet shards, real checkpoints on disk.
+
+Each run trains the reference model on the small real subset (960 train images) through the CLI.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, error_line, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def train_args(data, tmp, *extra):
+    return ["train", "--data", data, "--output", str(tmp / "out"),
+            "--storage-path", str(tmp / "ckpt"), *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    result = run_cli(*train_args(small_data, tmp, "--epochs", "2", "--num-workers", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp, result
+
+
+def test_two_worker_run_writes_metrics_and_per_epoch_checkpoints(finished_run):
+    tmp, result = finished_run
+    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    assert metrics["params"] == 841_546
+    assert metrics["num_workers"] == 2 and metrics["epochs_completed"] == 2
+    assert len(metrics["epoch_seconds"]) == 2 and all(s > 0 for s in metrics["epoch_seconds"])
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_loss"] > 0
+    # the small subset is easy to beat chance on, even in 2 epochs
+    assert metrics["test_accuracy"] > 0.15
+    assert os.path.isdir(metrics["checkpoint"])
+    run_dir = tmp / "ckpt" / metrics["run_name"]
+    checkpoints = sorted(p for p in os.listdir(run_dir) if p.startswith("checkpoint_"))
+    assert len(checkpoints) == 2  # one per epoch, saved by all ranks, uploaded by rank 0
+    assert {"state.json", "checkpoint"} <= set(os.listdir(run_dir / checkpoints[-1]))
+    # the driver printed one summary line per epoch
+    assert result.stdout.count(f"[{metrics['run_name']}] epoch ") == 2
+
+
+def test_per_class_accuracy_and_confusion_matrix_add_up(finished_run):
+    tmp, _ = finished_run
+    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    confusion = metrics["confusion_matrix"]
+    assert sum(map(sum, confusion)) == 1200
+    correct = sum(confusion[i][i] for i in range(10))
+    assert correct / 1200 == pytest.approx(metrics["test_accuracy"])
+    assert list(metrics["per_class_accuracy"])[0] == "T-shirt/top"
+    for name in ("learning_curves.png", "confusion_matrix.png"):
+        assert (tmp / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp / "out" / "tensorboard" / "train"))
+
+
+def test_exported_model_reloads_and_scores_the_same(finished_run, small_data):
+    tmp, _ = finished_run
+    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    r = run_cli("evaluate", "--model", str(tmp / "out" / "model"), "--data", small_data)
+    assert r.returncode == 0, r.stderr[-2000:]
+    scored = json.loads(r.stdout)
+    assert scored["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert scored["test_loss"] == pytest.approx(metrics["test_loss"], rel=1e-4)
+
+
+def test_output_dir_of_another_run_is_left_alone(finished_run, small_data):
+    tmp, _ = finished_run
+    before = (tmp / "out" / "metrics.json").read_text()
+    r = run_cli(*train_args(small_data, tmp, "--epochs", "3"), timeout=120)
+    assert r.returncode == 2
+    assert "holds run 'seed-w2-e2-" in error_line(r)
+    assert (tmp / "out" / "metrics.json").read_text() == before
+
+
+def test_more_workers_than_the_cluster_can_place(small_data, tmp_path):
+    r = run_cli(*train_args(small_data, tmp_path, "--num-workers", "4", "--epochs", "1"), timeout=300)
+    assert r.returncode == 2
+    assert error_line(r) == "error: cannot place 4 workers: they need 4 CPU, the Ray cluster has " \
+                            f"{os.cpu_count()}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(small_data, tmp_path):
+    args = train_args(small_data, tmp_path, "--epochs", "4", "--name", "resume-me")
+    run_dir = tmp_path / "ckpt" / "resume-me"
+    # Start a run, and kill it (driver, local Ray and workers) once epoch 1 is on disk.
+    proc = subprocess.Popen([sys.executable, "-m", "job", *args], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run_dir.exists() and any(p.startswith("checkpoint_") for p in os.listdir(run_dir))):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out").exists()
+
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["epochs_completed"] == 4
+    assert len(metrics["resumed_from_epochs"]) == 1 and 1 <= metrics["resumed_from_epochs"][0] < 4
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
