@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,9 @@ class JobError(Exception):
 @dataclass(frozen=True)
 class JobConfig:
     data: str  # Parquet dataset written by `prepare-data` (local path or pyarrow.fs URI)
-    output: str = "runs/local"  # metrics.json, exported model, plots
+    output: str = "runs/local"  # metrics.json, exported model, plots (strftime codes allowed)
     storage_path: str = "runs/checkpoints"  # Ray Train checkpoints (shared storage on a cluster)
-    name: str = ""  # Ray run name; empty = derived from the training settings (see run_name)
+    name: str = ""  # Ray run name (strftime codes allowed); empty = derived, see run_name
     model: str = "seed"  # one of MODEL_NAMES; "seed" is the reference notebook's CNN
     epochs: int = 10
     num_workers: int = 2
@@ -109,7 +110,10 @@ def build_config(file_values: dict, flag_values: dict) -> JobConfig:
         cfg = JobConfig(**known, extra=unknown)
     except TypeError as e:  # a value of the wrong type from a config file
         raise JobError(f"bad config: {e}") from None
+    # `--name retrain-%Y%m%d`: one run per (UTC) day for scheduled jobs; a retry that day resumes.
+    now = time.gmtime()
+    stamped = {k: time.strftime(v, now) for k in ("name", "output") if "%" in (v := getattr(cfg, k))}
     # Ray workers run in another directory: make local paths absolute, leave URIs alone.
-    local = {k: os.path.abspath(v) for k in ("data", "output", "storage_path")
+    local = {k: os.path.abspath(stamped.get(k, v)) for k in ("data", "output", "storage_path")
              if "://" not in (v := getattr(cfg, k))}
-    return dataclasses.replace(cfg, **local)
+    return dataclasses.replace(cfg, **{**stamped, **local})

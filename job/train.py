@@ -109,7 +109,7 @@ def train_loop_per_worker(config: dict) -> None:
     keras.utils.set_random_seed(cfg.seed)
     tf.get_logger().setLevel("ERROR")  # no per-step collective INFO lines
     absl.logging.set_verbosity(absl.logging.ERROR)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "Reporting training result"
+    logging.getLogger().setLevel(logging.WARNING)  # Ray Train's INFO lines, e.g. each report
 
     strategy = make_strategy(cfg)
     manifest = D.load_manifest(cfg.data)
