@@ -10,7 +10,7 @@ MODEL   ?= seed
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup data train-local test lint fashion-mnist-source
+.PHONY: setup data train-local test lint fashion-mnist-source image k8s-render bench
 
 setup: $(VENV)/.installed
 
@@ -39,8 +39,22 @@ train-local: data
 	$(PY) -m job train --data $(DATA) --epochs $(EPOCHS) --num-workers $(WORKERS) \
 	  --model $(MODEL) --output $(OUTPUT)
 
+# Epoch times (plain Keras vs Ray 1/2 workers vs fast path), data read, Ray start-up -> bench/results.json
+bench: setup fashion-mnist-source
+	$(PY) bench/run.py
+
 test: setup fashion-mnist-source
 	$(PY) -m pytest
 
 lint: setup
-	$(PY) -m ruff check job tests
+	$(PY) -m ruff check job tests cluster bench
+
+# The container image for KubeRay (needs a Docker engine). Its tag carries the pinned Ray version.
+RAY_VERSION := $(shell sed -n 's/.*"ray\[.*\]==\([0-9.]*\)".*/\1/p' pyproject.toml)
+IMAGE ?= fashion-job:$(RAY_VERSION)-py311-cu128
+image:
+	docker build -f k8s/image/Dockerfile --build-arg RAY_VERSION=$(RAY_VERSION) -t $(IMAGE) .
+
+# After editing k8s/variants/rayjob-train-now.yaml: regenerate the files that embed it.
+k8s-render: setup
+	$(PY) cluster/render_k8s.py

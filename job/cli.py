@@ -46,6 +46,17 @@ def train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-failures", type=int, default=s,
                         help=f"worker-group restarts from the last checkpoint (default "
                              f"{DEFAULTS.max_failures}; -1 = unlimited)")
+    parser.add_argument("--jit-compile", action="store_true", default=s,
+                        help="fast path: XLA-compile the training step")
+    parser.add_argument("--mixed-precision", action="store_true", default=s,
+                        help="fast path on GPUs: float16 compute (needs --use-gpu)")
+    parser.add_argument("--promote-to", default=s,
+                        help="models dir: make this run MODELS/current if it passes the checks below")
+    parser.add_argument("--min-accuracy", type=float, default=s,
+                        help=f"promotion floor on test accuracy (default {DEFAULTS.min_accuracy})")
+    parser.add_argument("--max-regression", type=float, default=s,
+                        help=f"promotion: largest drop below the current model (default "
+                             f"{DEFAULTS.max_regression})")
     parser.add_argument("--ray-address", default=s,
                         help="existing Ray cluster (default $RAY_ADDRESS, else a private local Ray)")
 

@@ -38,6 +38,11 @@ class JobConfig:
     cpus_per_worker: int = 1
     max_failures: int = 0  # worker-group restarts Ray may make from the last checkpoint
     ray_address: str = ""  # empty = $RAY_ADDRESS, else a private local Ray on 127.0.0.1
+    jit_compile: bool = False  # XLA-compile the train step (the fast path)
+    mixed_precision: bool = False  # float16 compute, float32 variables (GPU only)
+    promote_to: str = ""  # models dir whose `current` this run replaces if good enough
+    min_accuracy: float = 0.90  # promotion floor on test accuracy
+    max_regression: float = 0.005  # promotion: at most this much below the current model
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -53,6 +58,9 @@ class JobConfig:
             (self.learning_rate > 0, f"--learning-rate must be > 0 (got {self.learning_rate})"),
             (self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})"),
             (self.max_failures >= -1, f"--max-failures must be >= -1 (got {self.max_failures})"),
+            (not self.mixed_precision or self.use_gpu, "--mixed-precision needs --use-gpu"),
+            (0 <= self.min_accuracy <= 1, f"--min-accuracy must be in [0, 1] (got {self.min_accuracy})"),
+            (self.max_regression >= 0, f"--max-regression must be >= 0 (got {self.max_regression})"),
             (self.model in MODEL_NAMES, f"--model must be one of {MODEL_NAMES} (got {self.model!r})"),
             (bool(self.data), "--data is required"),
         ]
@@ -82,6 +90,7 @@ class JobConfig:
 # Settings that define the trained model (and therefore the default run name).
 TRAINING_FIELDS = (
     "data", "model", "epochs", "num_workers", "batch_size", "learning_rate", "seed", "use_gpu",
+    "jit_compile", "mixed_precision",
 )
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(JobConfig) if f.name != "extra")
 
@@ -114,6 +123,7 @@ def build_config(file_values: dict, flag_values: dict) -> JobConfig:
     now = time.gmtime()
     stamped = {k: time.strftime(v, now) for k in ("name", "output") if "%" in (v := getattr(cfg, k))}
     # Ray workers run in another directory: make local paths absolute, leave URIs alone.
-    local = {k: os.path.abspath(stamped.get(k, v)) for k in ("data", "output", "storage_path")
-             if "://" not in (v := getattr(cfg, k))}
+    local = {k: os.path.abspath(stamped.get(k, v))
+             for k in ("data", "output", "storage_path", "promote_to")
+             if (v := getattr(cfg, k)) and "://" not in v}
     return dataclasses.replace(cfg, **{**stamped, **local})

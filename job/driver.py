@@ -182,6 +182,14 @@ def run(cfg: JobConfig) -> dict:
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     write_output(cfg.output, model, metrics)
+    if cfg.promote_to:
+        from job.promote import promote
+
+        metrics["promotion"] = promote(cfg, cfg.output, metrics)
+        write_json_atomically(os.path.join(cfg.output, METRICS_FILE), metrics)
+        verdict = "promoted to" if metrics["promotion"]["accepted"] else "NOT promoted to"
+        print(f"[{cfg.run_name}] {verdict} {cfg.promote_to}/current: "
+              f"{metrics['promotion']['reason']}", flush=True)
     print(f"[{cfg.run_name}] test accuracy {metrics['test_accuracy']:.4f}, "
           f"test loss {metrics['test_loss']:.4f} (best epoch {best['epoch']}); "
           f"wrote {cfg.output}", flush=True)
@@ -199,12 +207,17 @@ def write_output(output: str, model, metrics: dict) -> None:
     os.makedirs(staging)
     model.save(os.path.join(staging, "model"))  # TF SavedModel: reloadable, servable
     write_figures(staging, metrics)
-    with open(os.path.join(staging, METRICS_FILE), "w") as f:
-        json.dump(metrics, f, indent=1)
+    write_json_atomically(os.path.join(staging, METRICS_FILE), metrics)
     if os.path.exists(output):
         os.rename(output, old)
     os.rename(staging, output)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomically(path: str, value: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def evaluate(model_path: str, data: str) -> dict:

@@ -111,6 +111,8 @@ def train_loop_per_worker(config: dict) -> None:
     absl.logging.set_verbosity(absl.logging.ERROR)
     logging.getLogger().setLevel(logging.WARNING)  # Ray Train's INFO lines, e.g. each report
 
+    if cfg.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
     strategy = make_strategy(cfg)
     manifest = D.load_manifest(cfg.data)
     train_ds, train_steps = distributed_dataset(strategy, cfg, manifest, "train", training=True)
@@ -118,7 +120,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # Variables created inside the scope are mirrored on every replica and kept in sync.
     with strategy.scope():
-        model = build_model(cfg.model, cfg.learning_rate, train_steps, cfg.epochs)
+        model = build_model(cfg.model, cfg.learning_rate, train_steps, cfg.epochs, cfg.jit_compile)
         model.optimizer.build(model.trainable_variables)  # slots exist before a restore
         checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
 

@@ -25,7 +25,8 @@ def train_args(data, tmp, *extra):
 @pytest.fixture(scope="module")
 def finished_run(small_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
-    result = run_cli(*train_args(small_data, tmp, "--epochs", "2", "--num-workers", "2"))
+    result = run_cli(*train_args(small_data, tmp, "--epochs", "2", "--num-workers", "2",
+                                 "--promote-to", str(tmp / "models"), "--min-accuracy", "0.1"))
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp, result
 
@@ -59,6 +60,15 @@ def test_per_class_accuracy_and_confusion_matrix_add_up(finished_run):
     for name in ("learning_curves.png", "confusion_matrix.png"):
         assert (tmp / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp / "out" / "tensorboard" / "train"))
+
+
+def test_a_good_enough_run_is_promoted_to_current(finished_run):
+    tmp, _ = finished_run
+    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    assert metrics["promotion"]["accepted"] and metrics["promotion"]["min_accuracy"] == 0.1
+    current = json.loads((tmp / "models" / "current" / "metrics.json").read_text())
+    assert current["run_name"] == metrics["run_name"]
+    assert (tmp / "models" / "current" / "model" / "saved_model.pb").exists()
 
 
 def test_exported_model_reloads_and_scores_the_same(finished_run, small_data):
