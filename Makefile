@@ -10,7 +10,7 @@ MODEL   ?= seed
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup data train-local test lint fashion-mnist-source image k8s-render bench
+.PHONY: setup data train-local test lint fashion-mnist-source image k8s-render bench cluster-up cluster-down submit
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,26 @@ test: setup fashion-mnist-source
 
 lint: setup
 	$(PY) -m ruff check job tests cluster bench
+
+# A Ray cluster on this machine (loopback only, token auth): head + NODES worker nodes of 1 CPU.
+NODES   ?= 2
+cluster-up: setup
+	cluster/local.sh up $(NODES)
+
+cluster-down:
+	cluster/local.sh down
+
+# Submit the job to a Ray cluster (default: the one cluster-up started), follow its logs, exit
+# with its status. For a remote cluster set ADDRESS and RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN).
+ADDRESS ?= $(shell cat runs/cluster/address 2>/dev/null || echo http://127.0.0.1:8265)
+RAY_AUTH_TOKEN_PATH ?= $(abspath runs/cluster/auth_token)
+SUBMIT_OUTPUT ?= $(abspath runs/submitted)
+STORAGE ?= $(abspath runs/cluster/checkpoints)
+submit: data
+	RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$(RAY_AUTH_TOKEN_PATH) $(VENV)/bin/ray job submit \
+	  --address $(ADDRESS) --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+	  python -m job train --data $(abspath $(DATA)) --epochs $(EPOCHS) --num-workers $(WORKERS) \
+	  --model $(MODEL) --output $(SUBMIT_OUTPUT) --storage-path $(STORAGE) --max-failures 2
 
 # The container image for KubeRay (needs a Docker engine). Its tag carries the pinned Ray version.
 RAY_VERSION := $(shell sed -n 's/.*"ray\[.*\]==\([0-9.]*\)".*/\1/p' pyproject.toml)

@@ -27,6 +27,23 @@ STATE_FILE = "state.json"  # epoch, per-epoch history and restarts, beside the T
 WEIGHTS_PREFIX = "ckpt"  # tf.train.Checkpoint: weights + optimizer slots + step counter
 
 
+def keep_collectives_on_loopback() -> None:
+    """Point TF_CONFIG at 127.0.0.1 when this Ray node lives on loopback.
+
+    Ray Train gives TensorFlow each worker's address as seen from the machine's default route.
+    A node registered as 127.0.0.1 (local and test clusters) is only reachable from this machine,
+    so all its peers are here too: their collectives should stay on loopback.
+    """
+    node_id = ray.get_runtime_context().get_node_id()
+    node_ip = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
+    if node_ip != "127.0.0.1":
+        return
+    tf_config = json.loads(os.environ["TF_CONFIG"])
+    workers = tf_config["cluster"]["worker"]
+    tf_config["cluster"]["worker"] = [f"127.0.0.1:{w.rsplit(':', 1)[1]}" for w in workers]
+    os.environ["TF_CONFIG"] = json.dumps(tf_config)
+
+
 def make_strategy(cfg: JobConfig) -> tf.distribute.Strategy:
     impl = (tf.distribute.experimental.CommunicationImplementation.NCCL if cfg.use_gpu
             else tf.distribute.experimental.CommunicationImplementation.RING)
@@ -113,6 +130,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     if cfg.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
+    keep_collectives_on_loopback()
     strategy = make_strategy(cfg)
     manifest = D.load_manifest(cfg.data)
     train_ds, train_steps = distributed_dataset(strategy, cfg, manifest, "train", training=True)
