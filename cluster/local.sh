@@ -10,10 +10,11 @@ CLUSTER_DIR=${CLUSTER_DIR:-runs/cluster}
 GCS_PORT=${GCS_PORT:-6380}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
 mkdir -p "$CLUSTER_DIR"
+CLUSTER_DIR=$(cd "$CLUSTER_DIR" && pwd)
 export RAY_AUTH_MODE=token
 # Job entrypoints run `python` from the PATH the nodes started with: make it this project's venv.
 export PATH="$(dirname "$(readlink -f "$RAY")"):$PATH"
-export RAY_AUTH_TOKEN_PATH="$PWD/$CLUSTER_DIR/auth_token"
+export RAY_AUTH_TOKEN_PATH="$CLUSTER_DIR/auth_token"
 
 case "${1:-}" in
   up)

@@ -51,7 +51,7 @@ class JobConfig:
             (self.num_workers >= 1, f"--num-workers must be >= 1 (got {self.num_workers})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
             (
-                self.batch_size % self.num_workers == 0,
+                self.num_workers < 1 or self.batch_size % self.num_workers == 0,
                 f"--batch-size {self.batch_size} (global) must divide evenly across "
                 f"--num-workers {self.num_workers}",
             ),

@@ -156,7 +156,12 @@ def run(cfg: JobConfig) -> dict:
     print(f"[{cfg.run_name}] training {cfg.model} on {cfg.num_workers} worker(s), "
           f"global batch {cfg.batch_size}, {cfg.epochs} epochs; checkpoints in "
           f"{cfg.storage_path}/{cfg.run_name}", flush=True)
-    result = fit(cfg)
+    try:
+        result = fit(cfg)
+    finally:
+        import ray
+
+        ray.shutdown()  # disconnect now: leaving it to interpreter exit has been seen to hang
     checkpoint, best = best_checkpoint(result)
     model = load_checkpoint_model(cfg, checkpoint)
     state = run_state(result)
@@ -174,6 +179,7 @@ def run(cfg: JobConfig) -> dict:
         "best_val_accuracy": best["val_accuracy"],
         "checkpoint": checkpoint.path,
         "epoch_seconds": [h["epoch_seconds"] for h in history],
+        "restarts": len(state["starts"]) - 1,  # worker-group restarts and driver reruns
         "resumed_from_epochs": [s for s in state["starts"] if s > 0],
         "history": history,
         "per_class_accuracy": test["per_class_accuracy"],

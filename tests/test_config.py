@@ -1,4 +1,6 @@
 import json
+import os
+import time
 
 import pytest
 
@@ -20,6 +22,8 @@ def test_defaults_are_the_reference_recipe():
     ("learning_rate", 0.0, "--learning-rate must be > 0"),
     ("model", "resnet", "--model must be one of"),
     ("max_failures", -2, "--max-failures must be >= -1"),
+    ("mixed_precision", True, "--mixed-precision needs --use-gpu"),
+    ("min_accuracy", 1.5, "--min-accuracy must be in"),
 ])
 def test_bad_values_are_rejected_with_the_flag_named(field, value, message):
     with pytest.raises(JobError, match=message):
@@ -35,7 +39,15 @@ def test_flags_override_the_config_file(tmp_path):
     path = tmp_path / "job.toml"
     path.write_text('data = "from-file"\nepochs = 3\nnum-workers = 1\nbatch-size = 32\n')
     cfg = build_config(load_config_file(str(path)), {"epochs": 5})
-    assert (cfg.data, cfg.epochs, cfg.num_workers, cfg.batch_size) == ("from-file", 5, 1, 32)
+    assert (cfg.epochs, cfg.num_workers, cfg.batch_size) == (5, 1, 32)
+    assert cfg.data == os.path.abspath("from-file")  # workers run elsewhere: paths are absolute
+
+
+def test_uris_stay_uris_and_strftime_codes_are_expanded():
+    cfg = build_config({}, {"data": "s3://bucket/fm", "name": "retrain-%Y", "output": "runs/%Y"})
+    year = time.strftime("%Y", time.gmtime())
+    assert cfg.data == "s3://bucket/fm"
+    assert cfg.run_name == f"retrain-{year}" and cfg.output == os.path.abspath(f"runs/{year}")
 
 
 def test_json_config_files_work_and_unknown_keys_are_rejected(tmp_path):

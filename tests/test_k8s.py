@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 import tomllib
@@ -44,6 +45,7 @@ def strict(schema: dict) -> dict:
     return schema
 
 
+@functools.cache
 def crd_schema(kind: str) -> dict:
     for path in CRDS.glob("*.yaml"):
         crd = yaml.safe_load(path.read_text())

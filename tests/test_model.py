@@ -1,4 +1,8 @@
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 
 from job.model import MODELS, build_model
 
@@ -22,3 +26,23 @@ def test_every_model_maps_images_to_class_probabilities():
         probs = build_model(name, 1e-3, steps_per_epoch=10, epochs=2).predict(images, verbose=0)
         assert probs.shape == (3, 10)
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_gpu,expected", [(False, "RING"), (True, "NCCL")])
+def test_strategy_uses_nccl_collectives_on_gpu_and_ring_on_cpu(use_gpu, expected):
+    # A fresh process per strategy: TensorFlow configures collectives once per process.
+    code = ("from job.config import JobConfig; from job.train import make_strategy; "
+            f"s = make_strategy(JobConfig(data='d', use_gpu={use_gpu})); "
+            "print(s.extended._communication_options.implementation.name)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == expected
+
+
+def test_mixed_precision_keeps_float32_variables_and_outputs():
+    code = ("import tf_keras as k; k.mixed_precision.set_global_policy('mixed_float16'); "
+            "from job.model import build_model; m = build_model('seed', 1e-3); "
+            "print(m.layers[0].compute_dtype, m.layers[0].variables[0].dtype.name, m.output.dtype.name)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "float16 float32 float32"

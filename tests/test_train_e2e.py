@@ -42,7 +42,7 @@ def test_two_worker_run_writes_metrics_and_per_epoch_checkpoints(finished_run):
     assert metrics["test_accuracy"] > 0.15
     assert os.path.isdir(metrics["checkpoint"])
     run_dir = tmp / "ckpt" / metrics["run_name"]
-    checkpoints = sorted(p for p in os.listdir(run_dir) if p.startswith("checkpoint_"))
+    checkpoints = sorted(p for p in os.listdir(run_dir) if (run_dir / p).is_dir())
     assert len(checkpoints) == 2  # one per epoch, saved by all ranks, uploaded by rank 0
     assert {"state.json", "checkpoint"} <= set(os.listdir(run_dir / checkpoints[-1]))
     # the driver printed one summary line per epoch
@@ -96,6 +96,12 @@ def test_more_workers_than_the_cluster_can_place(small_data, tmp_path):
     assert error_line(r) == "error: cannot place 4 workers: they need 4 CPU, the Ray cluster has " \
                             f"{os.cpu_count()}"
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_workers_on_a_cluster_without_gpus(small_data, tmp_path):
+    r = run_cli(*train_args(small_data, tmp_path, "--use-gpu", "--epochs", "1"), timeout=300)
+    assert r.returncode == 2
+    assert error_line(r) == "error: cannot place 2 workers: they need 2 GPU, the Ray cluster has 0"
 
 
 def test_interrupted_run_resumes_from_its_last_checkpoint(small_data, tmp_path):
