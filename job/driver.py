@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 
 import numpy as np
@@ -42,6 +43,18 @@ def check_output_dir(cfg: JobConfig) -> None:
                        f"choose another --output or remove it")
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a wrong address: ray.init would retry connecting for ever."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.split("://")[-1].rstrip("/").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise JobError(f"cannot reach the Ray cluster at {address}: {reason}") from None
+
+
 def start_ray(cfg: JobConfig) -> None:
     if not cfg.ray_address:
         # Ray's single-machine mode: every Ray process, and the addresses Ray Train hands to
@@ -51,6 +64,7 @@ def start_ray(cfg: JobConfig) -> None:
 
     quiet = ray.LoggingConfig(log_level="ERROR")  # no PlacementGroupCleaner warning spam
     if cfg.ray_address:
+        check_reachable(cfg.ray_address)
         ray.init(address=cfg.ray_address, logging_config=quiet)
     else:
         ray.init(address="local", include_dashboard=False, logging_config=quiet)

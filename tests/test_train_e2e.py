@@ -6,6 +6,7 @@ Each run trains the reference model on the small real subset (960 train images) 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,6 +103,15 @@ def test_gpu_workers_on_a_cluster_without_gpus(small_data, tmp_path):
     r = run_cli(*train_args(small_data, tmp_path, "--use-gpu", "--epochs", "1"), timeout=300)
     assert r.returncode == 2
     assert error_line(r) == "error: cannot place 2 workers: they need 2 GPU, the Ray cluster has 0"
+
+
+def test_a_wrong_cluster_address_fails_fast(small_data, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    r = run_cli(*train_args(small_data, tmp_path, "--ray-address", f"127.0.0.1:{port}"), timeout=60)
+    assert r.returncode == 2
+    assert error_line(r) == f"error: cannot reach the Ray cluster at 127.0.0.1:{port}: Connection refused"
 
 
 def test_interrupted_run_resumes_from_its_last_checkpoint(small_data, tmp_path):
