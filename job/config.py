@@ -59,6 +59,9 @@ class JobConfig:
             (self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})"),
             (self.max_failures >= -1, f"--max-failures must be >= -1 (got {self.max_failures})"),
             (not self.mixed_precision or self.use_gpu, "--mixed-precision needs --use-gpu"),
+            # XLA compiles NCCL all-reduces, but not the CPU (RING) collectives of >1 worker.
+            (not self.jit_compile or self.use_gpu or self.num_workers == 1,
+             "--jit-compile on CPU works with --num-workers 1 only (XLA cannot compile CPU collectives)"),
             (0 <= self.min_accuracy <= 1, f"--min-accuracy must be in [0, 1] (got {self.min_accuracy})"),
             (self.max_regression >= 0, f"--max-regression must be >= 0 (got {self.max_regression})"),
             (self.model in MODEL_NAMES, f"--model must be one of {MODEL_NAMES} (got {self.model!r})"),

@@ -23,6 +23,7 @@ def test_defaults_are_the_reference_recipe():
     ("model", "resnet", "--model must be one of"),
     ("max_failures", -2, "--max-failures must be >= -1"),
     ("mixed_precision", True, "--mixed-precision needs --use-gpu"),
+    ("jit_compile", True, "--jit-compile on CPU works with --num-workers 1 only"),
     ("min_accuracy", 1.5, "--min-accuracy must be in"),
 ])
 def test_bad_values_are_rejected_with_the_flag_named(field, value, message):
