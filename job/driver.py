@@ -175,7 +175,7 @@ def run(cfg: JobConfig) -> dict:
     finally:
         import ray
 
-        ray.shutdown()  # disconnect now: leaving it to interpreter exit has been seen to hang
+        ray.shutdown()  # release the cluster before the driver's own evaluation and export
     checkpoint, best = best_checkpoint(result)
     model = load_checkpoint_model(cfg, checkpoint)
     state = run_state(result)

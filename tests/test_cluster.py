@@ -82,7 +82,8 @@ def job_status(cluster, job_id) -> str:
 
 
 def finished(cluster, job_id) -> bool:
-    return any(s in job_status(cluster, job_id) for s in ("SUCCEEDED", "FAILED", "STOPPED"))
+    status = job_status(cluster, job_id).lower()  # "Job '...' succeeded" / "failed" / "was stopped"
+    return any(word in status for word in ("succeeded", "failed", "stopped"))
 
 
 def wait_for_first_checkpoint(cluster, job_id, tmp):
@@ -95,7 +96,7 @@ def wait_until_done(cluster, job_id):
         wait_for(lambda: finished(cluster, job_id), "the job to finish", timeout=300)
     except AssertionError:
         raise AssertionError(ray_job(cluster, "logs", job_id).stdout[-5000:]) from None
-    assert "SUCCEEDED" in job_status(cluster, job_id), ray_job(cluster, "logs", job_id).stdout[-3000:]
+    assert "succeeded" in job_status(cluster, job_id), ray_job(cluster, "logs", job_id).stdout[-3000:]
 
 
 def train_worker_pids() -> list[int]:
