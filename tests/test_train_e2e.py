@@ -45,7 +45,7 @@ def test_two_worker_run_writes_metrics_and_per_epoch_checkpoints(finished_run):
     run_dir = tmp / "ckpt" / metrics["run_name"]
     checkpoints = sorted(p for p in os.listdir(run_dir) if (run_dir / p).is_dir())
     assert len(checkpoints) == 2  # one per epoch, saved by all ranks, uploaded by rank 0
-    assert {"state.json", "checkpoint"} <= set(os.listdir(run_dir / checkpoints[-1]))
+    assert {"state.json", "ckpt.index"} <= set(os.listdir(run_dir / checkpoints[-1]))
     # the driver printed one summary line per epoch
     assert result.stdout.count(f"[{metrics['run_name']}] epoch ") == 2
 
