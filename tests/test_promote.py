@@ -26,7 +26,8 @@ def current(tmp_path):
 
 
 def log(tmp_path):
-    return [json.loads(line) for line in (tmp_path / "models" / "promotions.jsonl").open()]
+    lines = (tmp_path / "models" / "promotions.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def test_first_good_run_is_promoted(tmp_path):
