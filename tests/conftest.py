@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,3 +50,9 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+def pinned_ray_version() -> str:
+    """The `ray[...]==X` pin in pyproject.toml, which every manifest and image must match."""
+    with open(os.path.join(REPO, "pyproject.toml")) as f:
+        return re.search(r'"ray\[[^\]]*\]==([\d.]+)"', f.read()).group(1)

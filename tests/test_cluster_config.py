@@ -1,11 +1,12 @@
 """The Ray cluster-launcher config and runtime env, checked offline against what Ray ships."""
 
-import re
 from pathlib import Path
 
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from tests.conftest import pinned_ray_version
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = yaml.safe_load((REPO / "cluster" / "gpu-cluster.yaml").read_text())
@@ -21,7 +22,7 @@ def test_schema_check_catches_a_typo():
 
 
 def test_cluster_runs_the_pinned_ray_version_on_gpu_workers():
-    pin = re.search(r'"ray\[[^\]]*\]==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    pin = pinned_ray_version()
     assert CONFIG["docker"]["image"].startswith(f"rayproject/ray:{pin}-")
     assert CONFIG["available_node_types"]["head"]["resources"] == {"CPU": 0}
     assert "[gpu]" in " ".join(CONFIG["setup_commands"])

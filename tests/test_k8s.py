@@ -16,6 +16,7 @@ import yaml
 from cluster import render_k8s
 from job.cli import make_parser
 from job.config import build_config
+from tests.conftest import pinned_ray_version
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
@@ -162,7 +163,7 @@ def test_entrypoint_is_accepted_by_the_jobs_own_cli():
 
 
 def test_ray_version_matches_image_tag_and_pin():
-    pin = re.search(r'"ray\[[^\]]*\]==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    pin = pinned_ray_version()
     dockerfile = (REPO / "k8s" / "image" / "Dockerfile").read_text()
     assert re.search(r"ARG RAY_VERSION=([\d.]+)", dockerfile).group(1) == pin
     for name, spec in rayjob_specs():
