@@ -46,10 +46,12 @@ def train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-failures", type=int, default=s,
                         help=f"worker-group restarts from the last checkpoint (default "
                              f"{DEFAULTS.max_failures}; -1 = unlimited)")
+    parser.add_argument("--fast", action="store_true", default=s,
+                        help="fast path: bigger batches (scaled LR); on GPUs also XLA + float16")
     parser.add_argument("--jit-compile", action="store_true", default=s,
-                        help="fast path: XLA-compile the training step")
+                        help="XLA-compile the training step (part of --fast on GPUs)")
     parser.add_argument("--mixed-precision", action="store_true", default=s,
-                        help="fast path on GPUs: float16 compute (needs --use-gpu)")
+                        help="float16 compute (needs --use-gpu; part of --fast on GPUs)")
     parser.add_argument("--promote-to", default=s,
                         help="models dir: make this run MODELS/current if it passes the checks below")
     parser.add_argument("--min-accuracy", type=float, default=s,

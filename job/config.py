@@ -38,8 +38,9 @@ class JobConfig:
     cpus_per_worker: int = 1
     max_failures: int = 0  # worker-group restarts Ray may make from the last checkpoint
     ray_address: str = ""  # empty = $RAY_ADDRESS, else a private local Ray on 127.0.0.1
-    jit_compile: bool = False  # XLA-compile the train step (the fast path)
-    mixed_precision: bool = False  # float16 compute, float32 variables (GPU only)
+    fast: bool = False  # the fast path: FAST_PATH's settings for this hardware (flags still win)
+    jit_compile: bool = False  # XLA-compile the train step (GPU fast path)
+    mixed_precision: bool = False  # float16 compute, float32 variables (GPU fast path)
     promote_to: str = ""  # models dir whose `current` this run replaces if good enough
     min_accuracy: float = 0.90  # promotion floor on test accuracy
     max_regression: float = 0.005  # promotion: at most this much below the current model
@@ -90,6 +91,23 @@ class JobConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
 
 
+# `--fast`: what made an epoch faster when measured (`make bench`, README). Everywhere: a bigger
+# per-worker batch (fewer, larger steps and all-reduces) with the learning rate scaled by the
+# square root of the batch ratio, as is usual for Adam. On GPUs also XLA and float16; on CPUs XLA
+# made the step slower and cannot compile the collectives of more than one worker.
+FAST_BATCH_PER_WORKER = 128
+FAST_PATH_GPU = {"jit_compile": True, "mixed_precision": True}
+
+
+def fast_path_settings(chosen: dict) -> dict:
+    """The fast path's settings, given the ones the user chose (which they do not override)."""
+    base = JobConfig(data="-")
+    batch_size = chosen.get("batch_size", FAST_BATCH_PER_WORKER * chosen.get("num_workers", base.num_workers))
+    lr = base.learning_rate * (batch_size / base.batch_size) ** 0.5
+    gpu = FAST_PATH_GPU if chosen.get("use_gpu", base.use_gpu) else {}
+    return {"batch_size": batch_size, "learning_rate": lr, **gpu}
+
+
 # Settings that define the trained model (and therefore the default run name).
 TRAINING_FIELDS = (
     "data", "model", "epochs", "num_workers", "batch_size", "learning_rate", "seed", "use_gpu",
@@ -116,6 +134,8 @@ def build_config(file_values: dict, flag_values: dict) -> JobConfig:
     merged = {**file_values, **flag_values}
     known = {k: v for k, v in merged.items() if k in FIELD_NAMES}
     unknown = {k: v for k, v in merged.items() if k not in FIELD_NAMES}
+    if known.get("fast"):  # the preset sits between the defaults and the user's own values
+        known = {**fast_path_settings(known), **known}
     if not known.get("ray_address"):
         known["ray_address"] = os.environ.get("RAY_ADDRESS", "")
     try:

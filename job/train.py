@@ -24,6 +24,7 @@ from job.config import JobConfig
 from job.model import build_model
 
 STATE_FILE = "state.json"  # epoch, per-epoch history and restarts, beside the TF checkpoint
+PREFETCH_BATCHES = 2  # the next batch is ready while the current step runs
 WEIGHTS_PREFIX = "ckpt"  # tf.train.Checkpoint: weights + optimizer slots + step counter
 
 
@@ -51,12 +52,16 @@ def make_strategy(cfg: JobConfig) -> tf.distribute.Strategy:
         communication_options=tf.distribute.experimental.CommunicationOptions(implementation=impl))
 
 
-def distributed_dataset(strategy, cfg: JobConfig, manifest: dict, split: str, training: bool):
+def distributed_dataset(strategy, cfg: JobConfig, manifest: dict, split: str, passes: int = 1,
+                        training: bool = False):
     """This worker's shards as a distributed dataset, and the steps every rank can take.
 
     Shards are assigned by input pipeline (= worker) index, so no two workers read the same
     rows; auto-sharding is not used. Every rank must run the same number of steps (the
     collectives would hang otherwise), so all ranks stop at the smallest rank's step count.
+    Keras keeps one iterator over a distributed dataset for the whole fit, so the training
+    set holds exactly `passes` epochs (an endless `.repeat()` would refill the shuffle buffer
+    after the last step for nothing).
     """
     world = ray.train.get_context().get_world_size()
     local_replicas = strategy.num_replicas_in_sync // world  # GPUs per worker (1 on CPU)
@@ -70,13 +75,39 @@ def distributed_dataset(strategy, cfg: JobConfig, manifest: dict, split: str, tr
         if training:
             ds = ds.shuffle(len(labels), seed=cfg.seed + ctx.input_pipeline_id,
                             reshuffle_each_iteration=True)
-        ds = ds.batch(per_replica, drop_remainder=True).take(steps * local_replicas).map(
-            normalize, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(per_replica, drop_remainder=True).take(steps * local_replicas).map(normalize)
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        return ds.with_options(options).repeat().prefetch(tf.data.AUTOTUNE)
+        # No autotuning (and so no autotuner thread, see below): this in-memory pipeline
+        # costs < 1 % of a step.
+        options.autotune.enabled = False
+        return ds.with_options(options).repeat(passes).prefetch(PREFETCH_BATCHES)
 
     return strategy.distribute_datasets_from_function(dataset_fn), steps
+
+
+def _per_device_datasets_without_autotune() -> None:
+    """Work around a TF 2.21 teardown stall in MultiWorkerMirroredStrategy's input iterators.
+
+    MWMS feeds each replica through a MultiDeviceIterator whose per-device datasets are built
+    inside TensorFlow with default options, so tf.data autotuning runs on them. Destroying such
+    an iterator (end of fit, end of each validation pass) joins its autotuner thread, which was
+    seen (gdb) still sleeping out its optimisation period - up to 60 s - after cancellation.
+    The per-device stage only forwards batches, so it has nothing to tune.
+    """
+    from tensorflow.python.data.ops import multi_device_iterator_ops as mdi
+
+    create = mdi._create_device_dataset
+    if getattr(create, "autotune_off", False):
+        return
+    options = tf.data.Options()
+    options.autotune.enabled = False
+
+    def create_without_autotune(*args, **kwargs):
+        return create(*args, **kwargs).with_options(options)
+
+    create_without_autotune.autotune_off = True
+    mdi._create_device_dataset = create_without_autotune
 
 
 def normalize(images, labels):
@@ -131,10 +162,20 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     keep_collectives_on_loopback()
+    _per_device_datasets_without_autotune()
     strategy = make_strategy(cfg)
     manifest = D.load_manifest(cfg.data)
-    train_ds, train_steps = distributed_dataset(strategy, cfg, manifest, "train", training=True)
-    val_ds, val_steps = distributed_dataset(strategy, cfg, manifest, "val", training=False)
+    resume_from = ray.train.get_checkpoint()
+    state = {"epoch": 0, "history": [], "starts": []}
+    if resume_from:
+        with resume_from.as_directory() as ckpt_dir:
+            state = load_state(ckpt_dir)
+    state["starts"].append(state["epoch"])
+    epochs_left = max(1, cfg.epochs - state["epoch"])
+    train_ds, train_steps = distributed_dataset(strategy, cfg, manifest, "train", epochs_left,
+                                                training=True)
+    # Keras makes a new iterator over the validation set for every epoch: one pass is enough.
+    val_ds, val_steps = distributed_dataset(strategy, cfg, manifest, "val")
 
     # Variables created inside the scope are mirrored on every replica and kept in sync.
     with strategy.scope():
@@ -142,13 +183,9 @@ def train_loop_per_worker(config: dict) -> None:
         model.optimizer.build(model.trainable_variables)  # slots exist before a restore
         checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
 
-    state = {"epoch": 0, "history": [], "starts": []}
-    resume_from = ray.train.get_checkpoint()
     if resume_from:
         with resume_from.as_directory() as ckpt_dir:
             checkpoint.read(os.path.join(ckpt_dir, WEIGHTS_PREFIX)).assert_consumed()
-            state = load_state(ckpt_dir)
-    state["starts"].append(state["epoch"])
 
     rank = ray.train.get_context().get_world_rank()
     model.fit(

@@ -75,3 +75,23 @@ def test_cli_rejects_bad_epochs_in_one_line(capsys, small_data, tmp_path):
 def test_cli_reports_a_missing_config_file(capsys):
     assert main(["train", "--config", "/nonexistent.toml"]) == 2
     assert "config file not found: /nonexistent.toml" in capsys.readouterr().err
+
+
+def test_fast_path_on_cpu_is_a_bigger_batch_with_a_scaled_learning_rate():
+    cfg = build_config({}, {"data": "d", "fast": True, "num_workers": 2})
+    assert (cfg.batch_size, cfg.jit_compile, cfg.mixed_precision) == (256, False, False)
+    assert cfg.learning_rate == pytest.approx(1e-3 * 2)  # sqrt(256 / 64)
+    assert cfg.run_name != build_config({}, {"data": "d"}).run_name
+
+
+def test_fast_path_on_gpus_adds_xla_and_float16():
+    cfg = build_config({}, {"data": "d", "fast": True, "use_gpu": True, "num_workers": 4})
+    assert (cfg.batch_size, cfg.jit_compile, cfg.mixed_precision) == (512, True, True)
+
+
+def test_the_users_own_values_beat_the_fast_path(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('fast = true\nbatch-size = 128\n')
+    cfg = build_config(load_config_file(str(path)), {"data": "d", "learning_rate": 5e-4})
+    assert (cfg.batch_size, cfg.learning_rate) == (128, 5e-4)
+    assert build_config({}, {"data": "d", "fast": True, "batch_size": 64}).learning_rate == 1e-3
