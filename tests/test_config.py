@@ -5,7 +5,7 @@ import time
 import pytest
 
 from job.cli import main
-from job.config import JobConfig, JobError, build_config, load_config_file
+from job.config import FAST_BATCH_PER_WORKER, JobConfig, JobError, build_config, load_config_file
 
 
 def test_defaults_are_the_reference_recipe():
@@ -79,14 +79,16 @@ def test_cli_reports_a_missing_config_file(capsys):
 
 def test_fast_path_on_cpu_is_a_bigger_batch_with_a_scaled_learning_rate():
     cfg = build_config({}, {"data": "d", "fast": True, "num_workers": 2})
-    assert (cfg.batch_size, cfg.jit_compile, cfg.mixed_precision) == (256, False, False)
-    assert cfg.learning_rate == pytest.approx(1e-3 * 2)  # sqrt(256 / 64)
+    batch = FAST_BATCH_PER_WORKER * 2
+    assert batch > JobConfig(data="d").batch_size
+    assert (cfg.batch_size, cfg.jit_compile, cfg.mixed_precision) == (batch, False, False)
+    assert cfg.learning_rate == pytest.approx(1e-3 * (batch / 64) ** 0.5)
     assert cfg.run_name != build_config({}, {"data": "d"}).run_name
 
 
 def test_fast_path_on_gpus_adds_xla_and_float16():
     cfg = build_config({}, {"data": "d", "fast": True, "use_gpu": True, "num_workers": 4})
-    assert (cfg.batch_size, cfg.jit_compile, cfg.mixed_precision) == (512, True, True)
+    assert (cfg.batch_size, cfg.jit_compile, cfg.mixed_precision) == (FAST_BATCH_PER_WORKER * 4, True, True)
 
 
 def test_the_users_own_values_beat_the_fast_path(tmp_path):
