@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from job.config import JobConfig, JobError, build_config, load_config_file
+from job.config import FAST_EPOCHS, JobConfig, JobError, build_config, load_config_file
 
 # Keep TensorFlow's C++ start-up chatter off the console (must be set before TF is imported).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -47,7 +47,8 @@ def train_flags(parser: argparse.ArgumentParser) -> None:
                         help=f"worker-group restarts from the last checkpoint (default "
                              f"{DEFAULTS.max_failures}; -1 = unlimited)")
     parser.add_argument("--fast", action="store_true", default=s,
-                        help="fast path: bigger batches (scaled LR); on GPUs also XLA + float16")
+                        help=f"fast path: bigger batches, scaled LR, {FAST_EPOCHS} epochs; "
+                             "on GPUs also XLA + float16")
     parser.add_argument("--jit-compile", action="store_true", default=s,
                         help="XLA-compile the training step (part of --fast on GPUs)")
     parser.add_argument("--mixed-precision", action="store_true", default=s,

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from job.cli import main
-from job.config import FAST_BATCH_PER_WORKER, JobConfig, JobError, build_config, load_config_file
+from job.config import FAST_BATCH_PER_WORKER, FAST_EPOCHS, JobConfig, JobError, build_config, load_config_file
 
 
 def test_defaults_are_the_reference_recipe():
@@ -83,6 +83,7 @@ def test_fast_path_on_cpu_is_a_bigger_batch_with_a_scaled_learning_rate():
     assert batch > JobConfig(data="d").batch_size
     assert (cfg.batch_size, cfg.jit_compile, cfg.mixed_precision) == (batch, False, False)
     assert cfg.learning_rate == pytest.approx(1e-3 * (batch / 64) ** 0.5)
+    assert cfg.epochs == FAST_EPOCHS  # fewer steps per epoch, a few more epochs
     assert cfg.run_name != build_config({}, {"data": "d"}).run_name
 
 
@@ -94,6 +95,6 @@ def test_fast_path_on_gpus_adds_xla_and_float16():
 def test_the_users_own_values_beat_the_fast_path(tmp_path):
     path = tmp_path / "job.toml"
     path.write_text('fast = true\nbatch-size = 128\n')
-    cfg = build_config(load_config_file(str(path)), {"data": "d", "learning_rate": 5e-4})
-    assert (cfg.batch_size, cfg.learning_rate) == (128, 5e-4)
+    cfg = build_config(load_config_file(str(path)), {"data": "d", "learning_rate": 5e-4, "epochs": 3})
+    assert (cfg.batch_size, cfg.learning_rate, cfg.epochs) == (128, 5e-4, 3)
     assert build_config({}, {"data": "d", "fast": True, "batch_size": 64}).learning_rate == 1e-3
