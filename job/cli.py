@@ -12,14 +12,11 @@ import json
 import os
 import sys
 
-from job.config import FAST_EPOCHS, JobConfig, JobError, build_config, load_config_file
+from job.config import DEFAULTS, FAST_EPOCHS, JobError, build_config, load_config_file
 
 # Keep TensorFlow's C++ start-up chatter off the console (must be set before TF is imported).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-
-DEFAULTS = JobConfig(data="-")
-
 
 def train_flags(parser: argparse.ArgumentParser) -> None:
     """Flags for JobConfig fields. Absent flags stay absent so a config file can supply them."""
