@@ -8,6 +8,7 @@ same weights after every step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -166,25 +167,25 @@ def train_loop_per_worker(config: dict) -> None:
     strategy = make_strategy(cfg)
     manifest = D.load_manifest(cfg.data)
     resume_from = ray.train.get_checkpoint()
-    state = {"epoch": 0, "history": [], "starts": []}
-    if resume_from:
-        with resume_from.as_directory() as ckpt_dir:
-            state = load_state(ckpt_dir)
-    state["starts"].append(state["epoch"])
-    epochs_left = max(1, cfg.epochs - state["epoch"])
-    train_ds, train_steps = distributed_dataset(strategy, cfg, manifest, "train", epochs_left,
-                                                training=True)
-    # Keras makes a new iterator over the validation set for every epoch: one pass is enough.
-    val_ds, val_steps = distributed_dataset(strategy, cfg, manifest, "val")
+    # One copy of the checkpoint (a download, on remote storage) serves both the epoch state,
+    # which sizes the training set, and the weights, restored once the model exists.
+    with contextlib.ExitStack() as stack:
+        ckpt_dir = stack.enter_context(resume_from.as_directory()) if resume_from else None
+        state = load_state(ckpt_dir) if ckpt_dir else {"epoch": 0, "history": [], "starts": []}
+        state["starts"].append(state["epoch"])
+        epochs_left = max(1, cfg.epochs - state["epoch"])
+        train_ds, train_steps = distributed_dataset(strategy, cfg, manifest, "train", epochs_left,
+                                                    training=True)
+        # Keras makes a new iterator over the validation set for every epoch: one pass is enough.
+        val_ds, val_steps = distributed_dataset(strategy, cfg, manifest, "val")
 
-    # Variables created inside the scope are mirrored on every replica and kept in sync.
-    with strategy.scope():
-        model = build_model(cfg.model, cfg.learning_rate, train_steps, cfg.epochs, cfg.jit_compile)
-        model.optimizer.build(model.trainable_variables)  # slots exist before a restore
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
-
-    if resume_from:
-        with resume_from.as_directory() as ckpt_dir:
+        # Variables created inside the scope are mirrored on every replica and kept in sync.
+        with strategy.scope():
+            model = build_model(cfg.model, cfg.learning_rate, train_steps, cfg.epochs,
+                                cfg.jit_compile)
+            model.optimizer.build(model.trainable_variables)  # slots exist before a restore
+            checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        if ckpt_dir:
             checkpoint.read(os.path.join(ckpt_dir, WEIGHTS_PREFIX)).assert_consumed()
 
     rank = ray.train.get_context().get_world_rank()
