@@ -117,11 +117,12 @@ def test_a_wrong_cluster_address_fails_fast(small_data, tmp_path):
 def test_interrupted_run_resumes_from_its_last_checkpoint(small_data, tmp_path):
     args = train_args(small_data, tmp_path, "--epochs", "4", "--name", "resume-me")
     run_dir = tmp_path / "ckpt" / "resume-me"
-    # Start a run, and kill it (driver, local Ray and workers) once epoch 1 is on disk.
+    # Start a run, and kill it (driver, local Ray and workers) once Ray has registered the
+    # checkpoint of epoch 1 (its snapshot file): a checkpoint dir alone may not be registered yet.
     proc = subprocess.Popen([sys.executable, "-m", "job", *args], cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not (run_dir.exists() and any(p.startswith("checkpoint_") for p in os.listdir(run_dir))):
+    while not (run_dir / "checkpoint_manager_snapshot.json").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
