@@ -75,6 +75,10 @@ IMAGE ?= fashion-job:$(RAY_VERSION)-py311-cu128
 image:
 	docker build -f k8s/image/Dockerfile --build-arg RAY_VERSION=$(RAY_VERSION) -t $(IMAGE) .
 
-# After editing k8s/variants/rayjob-train-now.yaml: regenerate the files that embed it.
+# After editing k8s/job.toml or k8s/variants/rayjob-train-now.yaml: regenerate what embeds them.
+# Cluster-specific values, set in every manifest at once: IMAGE (registry/name:tag of `make image`),
+# STORAGE_CLASS (an RWX class for the PVCs), OPERATOR_NAMESPACE (the KubeRay operator's namespace).
 k8s-render: setup
-	$(PY) cluster/render_k8s.py
+	$(PY) cluster/render_k8s.py $(if $(filter command line,$(origin IMAGE)),--image $(IMAGE)) \
+	  $(if $(STORAGE_CLASS),--storage-class $(STORAGE_CLASS)) \
+	  $(if $(OPERATOR_NAMESPACE),--operator-namespace $(OPERATOR_NAMESPACE))

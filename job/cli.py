@@ -1,7 +1,8 @@
-"""Command line: `python -m job {prepare-data,train,evaluate} ...` (see README for examples).
+"""Command line: `python -m job {prepare-data,train,retrain,evaluate} ...` (see README for examples).
 
     python -m job prepare-data --out data/fashion-mnist
     python -m job train --data data/fashion-mnist --epochs 10 --num-workers 2 --output runs/local
+    python -m job retrain --config /etc/fashion/job.toml    # prepare-data if needed, then train
     python -m job evaluate --model runs/local/model --data data/fashion-mnist
 """
 
@@ -76,6 +77,11 @@ def make_parser() -> argparse.ArgumentParser:
                       help="keep only the first N train and N test images (smoke tests)")
 
     train_flags(sub.add_parser("train", help="train with Ray, evaluate the best checkpoint"))
+    retrain = sub.add_parser("retrain", help="the scheduled job in one command: prepare-data "
+                             "into --data from --source if it is missing, then train")
+    train_flags(retrain)
+    retrain.add_argument("--source", default=argparse.SUPPRESS,
+                         help="official IDX files (default $FASHION_MNIST_DIR, else Debian's)")
 
     ev = sub.add_parser("evaluate", help="score an exported model on the test shards")
     ev.add_argument("--model", required=True, help="OUTPUT/model of a train run")
@@ -95,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                                     limit=args["limit"])
             counts = {s: sum(files.values()) for s, files in manifest["splits"].items()}
             print(f"dataset in {args['out']}: {counts}")
-        elif command == "train":
+        elif command in ("train", "retrain"):
             from job.driver import run
 
             file_values = load_config_file(args.pop("config")) if "config" in args else {}
-            run(build_config(file_values, args))
+            run(build_config(file_values, args), prepare_data=command == "retrain")
         else:
             from job.driver import evaluate
 

@@ -25,6 +25,7 @@ class JobError(Exception):
 @dataclass(frozen=True)
 class JobConfig:
     data: str  # Parquet dataset written by `prepare-data` (local path or pyarrow.fs URI)
+    source: str = ""  # official IDX files `retrain` turns into `data` if missing ("" = default_source)
     output: str = "runs/local"  # metrics.json, exported model, plots (strftime codes allowed)
     storage_path: str = "runs/checkpoints"  # Ray Train checkpoints (shared storage on a cluster)
     name: str = ""  # Ray run name (strftime codes allowed); empty = derived, see run_name
@@ -152,6 +153,6 @@ def build_config(file_values: dict, flag_values: dict) -> JobConfig:
     stamped = {k: time.strftime(v, now) for k in ("name", "output") if "%" in (v := getattr(cfg, k))}
     # Ray workers run in another directory: make local paths absolute, leave URIs alone.
     local = {k: os.path.abspath(stamped.get(k, v))
-             for k in ("data", "output", "storage_path", "promote_to")
+             for k in ("data", "source", "output", "storage_path", "promote_to")
              if (v := getattr(cfg, k)) and "://" not in v}
     return dataclasses.replace(cfg, **{**stamped, **local})

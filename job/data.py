@@ -129,8 +129,15 @@ def prepare_data(source: str, out: str, num_shards: int = 8, seed: int = 0,
                            f"remove it or choose another --out")
         return existing
     _check_only_leftovers(fs, root, out)
-
     arrays = load_official(source)
+    try:
+        return _write_dataset(fs, root, out, arrays, recipe)
+    except OSError as e:  # e.g. a read-only volume, or one this user may not write
+        raise JobError(f"cannot write the dataset to {out}: {e} (running as UID {os.getuid()})") from None
+
+
+def _write_dataset(fs, root: str, out: str, arrays: dict, recipe: dict) -> dict:
+    limit, seed, val_fraction, num_shards = (recipe[k] for k in ("limit", "seed", "val_fraction", "shards"))
     if limit:  # small real subsets for smoke tests
         arrays = {k: (x[:limit], y[:limit]) for k, (x, y) in arrays.items()}
     train, val = split_train_val(*arrays["train"], val_fraction, seed)

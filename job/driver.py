@@ -17,6 +17,7 @@ import numpy as np
 
 from job import data as D
 from job.config import JobConfig, JobError
+from job.runlock import run_lock
 
 # TF_USE_LEGACY_KERAS must be set when a worker process starts (Ray setting it later is too
 # late): it makes any `tf.keras` inside TensorFlow resolve to tf-keras, which MWMS needs.
@@ -161,9 +162,18 @@ def score(model, images: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
-def run(cfg: JobConfig) -> dict:
+def run(cfg: JobConfig, prepare_data: bool = False) -> dict:
+    """Train, evaluate, write OUTPUT (and promote). `prepare_data`: first write cfg.data from the
+    official files in cfg.source if it is missing (the scheduled job's one command, `retrain`)."""
     started = time.perf_counter()
     check_output_dir(cfg)
+    with run_lock(cfg.storage_path, cfg.run_name):
+        if prepare_data:
+            D.prepare_data(cfg.source or D.default_source(), cfg.data)
+        return train_and_evaluate(cfg, started)
+
+
+def train_and_evaluate(cfg: JobConfig, started: float) -> dict:
     manifest = D.validate_dataset(cfg.data)
     D.shard_files(manifest, "train", 0, cfg.num_workers)  # enough shards for every worker
     start_ray(cfg)

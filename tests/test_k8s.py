@@ -119,9 +119,18 @@ def test_every_pod_meets_restricted_pod_security(name, doc):
             assert sc["allowPrivilegeEscalation"] is False, c["name"]
             assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
             assert not sc.get("privileged"), c["name"]
-            assert c["resources"]["requests"] == c["resources"]["limits"], c["name"]
+            requests, limits = c["resources"]["requests"], c["resources"]["limits"]
+            assert requests.keys() == limits.keys(), c["name"]
+            assert requests["memory"] == limits["memory"], c["name"]  # no OOM kill under pressure
             for env in c.get("env", []):
                 assert "TOKEN" not in env["name"] or "value" not in env, "no inline secrets"
+
+
+def quantity(value: str) -> float:
+    """A Kubernetes quantity ("500m", "1", "256Mi", "1Gi") as a number."""
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    number, unit = re.fullmatch(r"([\d.]+)(m|Ki|Mi|Gi)?", str(value)).groups()
+    return float(number) * units.get(unit, 1)
 
 
 def test_rayjob_runs_gpu_workers_with_token_auth_and_cleans_up():
@@ -132,8 +141,18 @@ def test_rayjob_runs_gpu_workers_with_token_auth_and_cleans_up():
         for group in cluster["workerGroupSpecs"]:
             for c in group["template"]["spec"]["containers"]:
                 assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
-        assert spec["shutdownAfterJobFinishes"] is True
-        assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
+        assert spec["activeDeadlineSeconds"] > 0 and spec["preRunningDeadlineSeconds"] > 0
+        # deletionRules exclude shutdownAfterJobFinishes (KubeRay's validation.go); every end
+        # deletes the cluster first, then the RayJob itself, and never the other way round.
+        assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
+        rules = spec["deletionStrategy"]["deletionRules"]
+        for end in ({"jobStatus": "SUCCEEDED"}, {"jobStatus": "FAILED"}, {"jobDeploymentStatus": "Failed"}):
+            ttl = {r["policy"]: r["condition"]["ttlSeconds"] for r in rules
+                   if end.items() <= r["condition"].items()}
+            assert 0 < ttl["DeleteCluster"] <= ttl["DeleteSelf"], (name, end)
+        # The submitter follows the logs for hours: at least KubeRay's default (1 CPU, 1Gi).
+        submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]["resources"]["limits"]
+        assert quantity(submitter["cpu"]) >= 1 and quantity(submitter["memory"]) >= 2**30
     assert len(TEMPLATE["metadata"]["generateName"]) + 5 <= 47  # RayJob names are <= 47 chars
 
 
@@ -143,23 +162,29 @@ def test_cronjob_creates_one_rayjob_at_a_time_with_bounded_history():
     assert cron["successfulJobsHistoryLimit"] >= 1 and cron["failedJobsHistoryLimit"] >= 1
     container = cron["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == ["create", "-f", "/etc/fashion/rayjob.yaml"]
+    # kubectl loads the ray.io OpenAPI document (~1 MB of CRDs) to create a RayJob.
+    assert quantity(container["resources"]["limits"]["memory"]) >= 256 * 2**20
     role = next(d for _, d in APPLIED if d["kind"] == "Role")
     assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create"]}]
 
 
-def test_entrypoint_is_accepted_by_the_jobs_own_cli():
-    job_toml = tomllib.loads(CONFIGMAP["data"]["job.toml"])
+def test_entrypoint_is_one_command_of_the_jobs_own_cli():
+    """KubeRay pastes the entrypoint raw into `bash -ce '... -- ENTRYPOINT ; fi ; ...'`: any shell
+    operator would split it (tests/test_kuberay.py runs it the way the operator does)."""
+    job_toml = tomllib.loads((K8S / "job.toml").read_text())
     for name, spec in rayjob_specs():
-        commands = [shlex.split(c) for c in spec["entrypoint"].split("&&")]
-        assert [c[:3] for c in commands] == [["python", "-m", "job"]] * 2, name
-        prepare, train = (vars(make_parser().parse_args(c[3:])) for c in commands)
-        assert prepare["command"] == "prepare-data" and prepare["out"] == job_toml["data"]
-        train.pop("command")
-        train.pop("config")
-        cfg = build_config(job_toml, train)
+        entrypoint = spec["entrypoint"]
+        assert not re.search(r"[;&|<>`$(){}\n]", entrypoint), (name, entrypoint)
+        command = shlex.split(entrypoint)
+        assert command[:3] == ["python", "-m", "job"], name
+        flags = vars(make_parser().parse_args(command[3:]))
+        assert flags.pop("command") == "retrain" and flags.pop("config") == "/etc/fashion/job.toml"
+        cfg = build_config(job_toml, flags)
         assert cfg.use_gpu and cfg.run_name.startswith("retrain-") and "%" not in cfg.output
+        assert cfg.promote_to and cfg.source, "the nightly run prepares its data and passes the gate"
         workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]
         assert workers["replicas"] == workers["minReplicas"] == cfg.num_workers
+    assert CONFIGMAP["data"]["job.toml"] == (K8S / "job.toml").read_text()
 
 
 def test_ray_version_matches_image_tag_and_pin():
@@ -171,7 +196,7 @@ def test_ray_version_matches_image_tag_and_pin():
         assert cluster["rayVersion"] == pin, name
         pods = pod_specs({"kind": "RayJob", "spec": spec})
         for image in {c["image"] for pod in pods for c in pod["containers"]}:
-            assert image.split(":")[1].startswith(pin + "-"), image
+            assert image.rsplit(":", 1)[1].startswith(pin + "-"), image
 
 
 def test_volumes_are_shared_read_write_many():
@@ -182,3 +207,26 @@ def test_volumes_are_shared_read_write_many():
             for pod in pod_specs(TEMPLATE) for v in pod.get("volumes", [])
             if "persistentVolumeClaim" in v}
     assert used == set(claims)
+
+
+def test_one_image_one_storage_class_one_operator_namespace():
+    """`make k8s-render IMAGE=... STORAGE_CLASS=... OPERATOR_NAMESPACE=...` sets each in one go."""
+    for setting in render_k8s.SETTINGS:
+        assert len(render_k8s.current(setting)) == 1, setting
+    images = {c["image"] for _, doc in ALL if doc["kind"] != "CronJob"
+              for pod in pod_specs(doc) for c in pod["containers"]}
+    assert images == render_k8s.current("image")
+    claims = [d for _, d in APPLIED if d["kind"] == "PersistentVolumeClaim"]
+    assert {c["spec"]["storageClassName"] for c in claims} == render_k8s.current("storage_class")
+
+
+def test_only_the_operator_in_its_own_namespace_reaches_the_dashboard():
+    policy = next(d for _, d in APPLIED if d["kind"] == "NetworkPolicy")["spec"]
+    for rule in policy["ingress"]:
+        for peer in rule["from"]:
+            if "namespaceSelector" in peer:  # never "any namespace": pinned by name
+                name = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                assert {name} == render_k8s.current("operator_namespace")
+                assert peer["podSelector"]["matchLabels"] == {
+                    "app.kubernetes.io/name": "kuberay-operator"}
+                assert rule["ports"] == [{"protocol": "TCP", "port": 8265}]
