@@ -136,6 +136,12 @@ def prepare_data(source: str, out: str, num_shards: int = 8, seed: int = 0,
         raise JobError(f"cannot write the dataset to {out}: {e} (running as UID {os.getuid()})") from None
 
 
+def ensure_dataset(source: str, out: str) -> dict:
+    """`out` as it is if it holds a dataset (any recipe), else the default one from `source`."""
+    fs, root = resolve(out)
+    return _read_manifest(fs, root, required=False) or prepare_data(source, out)
+
+
 def _write_dataset(fs, root: str, out: str, arrays: dict, recipe: dict) -> dict:
     limit, seed, val_fraction, num_shards = (recipe[k] for k in ("limit", "seed", "val_fraction", "shards"))
     if limit:  # small real subsets for smoke tests

@@ -169,7 +169,7 @@ def run(cfg: JobConfig, prepare_data: bool = False) -> dict:
     check_output_dir(cfg)
     with run_lock(cfg.storage_path, cfg.run_name):
         if prepare_data:
-            D.prepare_data(cfg.source or D.default_source(), cfg.data)
+            D.ensure_dataset(cfg.source or D.default_source(), cfg.data)
         return train_and_evaluate(cfg, started)
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +59,46 @@ def pinned_ray_version() -> str:
     """The `ray[...]==X` pin in pyproject.toml, which every manifest and image must match."""
     with open(os.path.join(REPO, "pyproject.toml")) as f:
         return re.search(r'"ray\[[^\]]*\]==([\d.]+)"', f.read()).group(1)
+
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A local multi-node Ray cluster (cluster/local.sh: loopback, token auth) for one test module:
+    head (0 CPUs) + 3 worker nodes of 1 CPU, so 2 remain for a 2-worker job when one is lost."""
+    state = tmp_path_factory.mktemp("cluster")
+    env = {**os.environ, "CLUSTER_DIR": str(state), "GCS_PORT": str(free_port()),
+           "DASHBOARD_PORT": str(free_port()), "RAY": RAY}
+    up = subprocess.run(["cluster/local.sh", "up", "3"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=180)
+    assert up.returncode == 0, up.stderr
+    ready = {"address": (state / "address").read_text().strip(), "token": str(state / "auth_token"),
+             "dir": state}
+    # The head's job agent starts after `ray start` returns: wait until it takes requests (on
+    # Kubernetes, KubeRay waits for the head pod's readiness probe, which checks that agent).
+    deadline = time.monotonic() + 60
+    while ray_job(ready, "list").returncode != 0:
+        assert time.monotonic() < deadline, "the Ray job agent did not come up"
+        time.sleep(1)
+    yield ready
+    subprocess.run(["cluster/local.sh", "down"], cwd=REPO, env=env, capture_output=True, timeout=120)
+
+
+def ray_job(cluster, *args, token=True, timeout=60, home=None) -> subprocess.CompletedProcess:
+    """`ray job ARGS` against `cluster`, with its token (or none)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    if token:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=cluster["token"])
+    if home:
+        env["HOME"] = home
+    command, *rest = args
+    return subprocess.run([RAY, "job", command, "--address", cluster["address"], *rest], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)

@@ -9,49 +9,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import ray_job
 
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Head + 3 worker nodes (so 2 remain for a 2-worker job when one is lost)."""
-    state = tmp_path_factory.mktemp("cluster")
-    env = {**os.environ, "CLUSTER_DIR": str(state), "GCS_PORT": str(free_port()),
-           "DASHBOARD_PORT": str(free_port()), "RAY": RAY}
-    up = subprocess.run(["cluster/local.sh", "up", "3"], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=180)
-    assert up.returncode == 0, up.stderr
-    address = (state / "address").read_text().strip()
-    yield {"address": address, "token": str(state / "auth_token"), "dir": state}
-    subprocess.run(["cluster/local.sh", "down"], cwd=REPO, env=env, capture_output=True, timeout=120)
-
-
-def ray_job(cluster, *args, token=True, timeout=60, home=None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    if token:
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=cluster["token"])
-    if home:
-        env["HOME"] = home
-    command, *rest = args
-    return subprocess.run([RAY, "job", command, "--address", cluster["address"], *rest], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def submit(cluster, data, tmp, epochs=10):  # long enough to be killed mid-run
