@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -8,7 +10,7 @@ import pytest
 
 from job import data as D
 from job.config import JobError
-from tests.conftest import SMALL, error_line, run_cli
+from tests.conftest import REPO, SMALL, error_line, run_cli
 
 
 def test_parquet_round_trip_keeps_the_official_pixels_and_labels(source_dir, small_data):
@@ -65,6 +67,23 @@ def test_prepare_data_refuses_a_foreign_non_empty_directory(source_dir, tmp_path
     assert r.returncode == 2
     assert "is not empty and holds no dataset" in error_line(r)
     assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+@pytest.mark.skipif(subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode,
+                    reason="needs a private mount namespace (root) for a read-only mount")
+def test_prepare_data_on_a_read_only_volume_is_one_clear_error(source_dir, tmp_path):
+    """As on an RWX volume this user may not write (README: RWX ownership)."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    read_only = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+    r = subprocess.run(["unshare", "--mount", "sh", "-c", read_only, str(volume), sys.executable,
+                        "-m", "job", "prepare-data", "--source", source_dir, "--out",
+                        str(volume / "fashion-mnist")], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert error_line(r).startswith(f"error: cannot write the dataset to {volume / 'fashion-mnist'}: ")
+    assert "Read-only file system" in error_line(r) and "running as UID" in error_line(r)
+    assert os.listdir(volume) == []
 
 
 def test_prepare_data_through_a_uri(source_dir, tmp_path):

@@ -5,6 +5,7 @@ Each run trains the reference model on the small real subset (960 train images) 
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import time
 
 import pytest
 
+from job import data as D
 from tests.conftest import REPO, error_line, run_cli
 
 pytestmark = pytest.mark.slow
@@ -99,6 +101,18 @@ def test_more_workers_than_the_cluster_can_place(small_data, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_retrain_prepares_missing_data_before_training(source_dir, tmp_path):
+    """`retrain` = prepare-data (if the dataset is missing) + train, one command and one status.
+    Four workers do not fit this machine, so it stops right after preparing the full dataset."""
+    data = tmp_path / "data"
+    _, *flags = train_args(str(data), tmp_path, "--num-workers", "4")
+    r = run_cli("retrain", "--source", source_dir, *flags, timeout=300)
+    assert r.returncode == 2
+    assert error_line(r).startswith("error: cannot place 4 workers")
+    counts = {split: sum(files.values()) for split, files in D.load_manifest(str(data))["splits"].items()}
+    assert counts == {"train": 48_000, "val": 12_000, "test": 10_000}
+
+
 def test_gpu_workers_on_a_cluster_without_gpus(small_data, tmp_path):
     r = run_cli(*train_args(small_data, tmp_path, "--use-gpu", "--epochs", "1"), timeout=300)
     assert r.returncode == 2
@@ -114,7 +128,7 @@ def test_a_wrong_cluster_address_fails_fast(small_data, tmp_path):
     assert error_line(r) == f"error: cannot reach the Ray cluster at 127.0.0.1:{port}: Connection refused"
 
 
-def test_interrupted_run_resumes_from_its_last_checkpoint(small_data, tmp_path):
+def test_interrupted_run_resumes_and_a_second_driver_is_refused(small_data, tmp_path):
     args = train_args(small_data, tmp_path, "--epochs", "4", "--name", "resume-me")
     run_dir = tmp_path / "ckpt" / "resume-me"
     # Start a run, and kill it (driver, local Ray and workers) once Ray has registered the
@@ -125,7 +139,14 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(small_data, tmp_path):
     while not (run_dir / "checkpoint_manager_snapshot.json").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # A second driver of the same run, while the first is alive, is refused at once.
+    second = run_cli(*args, timeout=60)
+    assert second.returncode == 2 and proc.poll() is None
+    assert re.fullmatch(rf"error: run 'resume-me' is already being trained by driver pid {proc.pid} "
+                        rf"on host {re.escape(socket.gethostname())} since \S+Z \(lock "
+                        rf"{re.escape(str(tmp_path / 'ckpt' / '.resume-me.lock'))}\); not starting a "
+                        rf"second training of it", error_line(second)), error_line(second)
+    os.killpg(proc.pid, signal.SIGKILL)  # a driver that dies holds no lock: the rerun resumes
     proc.wait()
     assert not (tmp_path / "out").exists()
 
