@@ -4,6 +4,8 @@
 #
 # The head runs drivers only (0 CPUs); each worker node offers 1 CPU, so WORKER_NODES (default 2)
 # is the most training workers a job can ask for. State (token, address) lives in $CLUSTER_DIR.
+# GPUS_PER_NODE=N makes each worker node advertise N GPUs it does not have (tests of the GPU
+# preflight: Ray grants them, TensorFlow sees none).
 set -euo pipefail
 RAY=${RAY:-.venv/bin/ray}
 CLUSTER_DIR=${CLUSTER_DIR:-runs/cluster}
@@ -26,7 +28,7 @@ case "${1:-}" in
       --disable-usage-stats >/dev/null
     for _ in $(seq "${2:-2}"); do
       "$RAY" start --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 --num-cpus=1 \
-        --disable-usage-stats >/dev/null
+        --num-gpus="${GPUS_PER_NODE:-0}" --disable-usage-stats >/dev/null
     done
     echo "http://127.0.0.1:$DASHBOARD_PORT" > "$CLUSTER_DIR/address"
     echo "Ray cluster up: head + ${2:-2} worker node(s); dashboard http://127.0.0.1:$DASHBOARD_PORT"

@@ -61,9 +61,12 @@ class JobConfig:
             (self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})"),
             (self.max_failures >= -1, f"--max-failures must be >= -1 (got {self.max_failures})"),
             (not self.mixed_precision or self.use_gpu, "--mixed-precision needs --use-gpu"),
-            # XLA compiles NCCL all-reduces, but not the CPU (RING) collectives of >1 worker.
-            (not self.jit_compile or self.use_gpu or self.num_workers == 1,
-             "--jit-compile on CPU works with --num-workers 1 only (XLA cannot compile CPU collectives)"),
+            # tf-keras XLA-compiles the whole step, all-reduce included, and XLA cannot compile
+            # collectives across processes: not CPU RING, nor NCCL (TF's XLA GPU launcher has no
+            # clique-id callback for them; tensorflow issues 58787, 62757).
+            (not self.jit_compile or self.num_workers == 1,
+             "--jit-compile works with --num-workers 1 only (XLA cannot compile collectives "
+             "across worker processes, on CPU or GPU)"),
             (0 <= self.min_accuracy <= 1, f"--min-accuracy must be in [0, 1] (got {self.min_accuracy})"),
             (self.max_regression >= 0, f"--max-regression must be >= 0 (got {self.max_regression})"),
             (self.model in MODEL_NAMES, f"--model must be one of {MODEL_NAMES} (got {self.model!r})"),
@@ -99,10 +102,11 @@ DEFAULTS = JobConfig(data="-")  # the defaults, for help texts and presets
 # per-worker batch means fewer, larger steps and all-reduces; the learning rate grows with the
 # square root of the batch (usual for Adam). Fewer steps per epoch need a few more epochs: the
 # seed model scored 0.8970 after 10 such epochs and 0.9010 after 12, in 62 % of the default
-# job's training time. On GPUs also XLA and float16; on CPUs XLA made the step slower.
+# job's training time. On GPUs also float16, and XLA with one worker; on CPUs XLA made the step slower.
 FAST_BATCH_PER_WORKER = 128
 FAST_EPOCHS = 12
-FAST_PATH_GPU = {"jit_compile": True, "mixed_precision": True}
+FAST_PATH_GPU = {"mixed_precision": True}
+FAST_PATH_ONE_GPU = {**FAST_PATH_GPU, "jit_compile": True}  # XLA: one worker only (see checks)
 
 
 def fast_path_settings(chosen: dict) -> dict:
@@ -110,7 +114,9 @@ def fast_path_settings(chosen: dict) -> dict:
     workers = chosen.get("num_workers", DEFAULTS.num_workers)
     batch_size = chosen.get("batch_size", FAST_BATCH_PER_WORKER * workers)
     lr = DEFAULTS.learning_rate * (batch_size / DEFAULTS.batch_size) ** 0.5
-    gpu = FAST_PATH_GPU if chosen.get("use_gpu", DEFAULTS.use_gpu) else {}
+    gpu = {}
+    if chosen.get("use_gpu", DEFAULTS.use_gpu):
+        gpu = FAST_PATH_ONE_GPU if workers == 1 else FAST_PATH_GPU
     return {"batch_size": batch_size, "learning_rate": lr, "epochs": FAST_EPOCHS, **gpu}
 
 

@@ -22,6 +22,7 @@ import tf_keras as keras
 
 from job import data as D
 from job.config import JobConfig
+from job.gpu import check_worker_gpus
 from job.model import build_model
 
 STATE_FILE = "state.json"  # epoch, per-epoch history and restarts, beside the TF checkpoint
@@ -159,6 +160,9 @@ def train_loop_per_worker(config: dict) -> None:
     tf.get_logger().setLevel("ERROR")  # no per-step collective INFO lines
     absl.logging.set_verbosity(absl.logging.ERROR)
     logging.getLogger().setLevel(logging.WARNING)  # Ray Train's INFO lines, e.g. each report
+    rank = ray.train.get_context().get_world_rank()
+    if cfg.use_gpu:  # before anything else: a GPU run must not fall back to the CPU silently
+        check_worker_gpus(rank, ray.get_gpu_ids())
 
     if cfg.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
@@ -188,7 +192,6 @@ def train_loop_per_worker(config: dict) -> None:
         if ckpt_dir:
             checkpoint.read(os.path.join(ckpt_dir, WEIGHTS_PREFIX)).assert_consumed()
 
-    rank = ray.train.get_context().get_world_rank()
     model.fit(
         train_ds,
         epochs=cfg.epochs,

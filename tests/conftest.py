@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -70,26 +71,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A local multi-node Ray cluster (cluster/local.sh: loopback, token auth) for one test module:
-    head (0 CPUs) + 3 worker nodes of 1 CPU, so 2 remain for a 2-worker job when one is lost."""
-    state = tmp_path_factory.mktemp("cluster")
-    env = {**os.environ, "CLUSTER_DIR": str(state), "GCS_PORT": str(free_port()),
-           "DASHBOARD_PORT": str(free_port()), "RAY": RAY}
-    up = subprocess.run(["cluster/local.sh", "up", "3"], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=180)
+@contextlib.contextmanager
+def local_cluster(state: Path, worker_nodes: int, gpus_per_node: int = 0):
+    """A local multi-node Ray cluster (cluster/local.sh: loopback, token auth): a head of 0 CPUs
+    and `worker_nodes` nodes of 1 CPU (and `gpus_per_node` GPUs that do not exist)."""
+    gcs_port = free_port()
+    env = {**os.environ, "CLUSTER_DIR": str(state), "GCS_PORT": str(gcs_port),
+           "DASHBOARD_PORT": str(free_port()), "RAY": RAY, "GPUS_PER_NODE": str(gpus_per_node)}
+    up = subprocess.run(["cluster/local.sh", "up", str(worker_nodes)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=180)
     assert up.returncode == 0, up.stderr
     ready = {"address": (state / "address").read_text().strip(), "token": str(state / "auth_token"),
-             "dir": state}
-    # The head's job agent starts after `ray start` returns: wait until it takes requests (on
-    # Kubernetes, KubeRay waits for the head pod's readiness probe, which checks that agent).
-    deadline = time.monotonic() + 60
-    while ray_job(ready, "list").returncode != 0:
-        assert time.monotonic() < deadline, "the Ray job agent did not come up"
-        time.sleep(1)
-    yield ready
-    subprocess.run(["cluster/local.sh", "down"], cwd=REPO, env=env, capture_output=True, timeout=120)
+             "gcs": f"127.0.0.1:{gcs_port}", "dir": state}
+    try:
+        # The head's job agent starts after `ray start` returns: wait until it takes requests
+        # (on Kubernetes, KubeRay waits for the head pod's readiness probe, which checks it).
+        deadline = time.monotonic() + 60
+        while ray_job(ready, "list").returncode != 0:
+            assert time.monotonic() < deadline, "the Ray job agent did not come up"
+            time.sleep(1)
+        yield ready
+    finally:
+        subprocess.run(["cluster/local.sh", "down"], cwd=REPO, env=env, capture_output=True,
+                       timeout=120)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Head + 3 worker nodes (so 2 remain for a 2-worker job when one is lost)."""
+    with local_cluster(tmp_path_factory.mktemp("cluster"), worker_nodes=3) as ready:
+        yield ready
 
 
 def ray_job(cluster, *args, token=True, timeout=60, home=None) -> subprocess.CompletedProcess:

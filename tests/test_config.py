@@ -23,7 +23,7 @@ def test_defaults_are_the_reference_recipe():
     ("model", "resnet", "--model must be one of"),
     ("max_failures", -2, "--max-failures must be >= -1"),
     ("mixed_precision", True, "--mixed-precision needs --use-gpu"),
-    ("jit_compile", True, "--jit-compile on CPU works with --num-workers 1 only"),
+    ("jit_compile", True, "--jit-compile works with --num-workers 1 only"),
     ("min_accuracy", 1.5, "--min-accuracy must be in"),
 ])
 def test_bad_values_are_rejected_with_the_flag_named(field, value, message):
@@ -87,9 +87,17 @@ def test_fast_path_on_cpu_is_a_bigger_batch_with_a_scaled_learning_rate():
     assert cfg.run_name != build_config({}, {"data": "d"}).run_name
 
 
-def test_fast_path_on_gpus_adds_xla_and_float16():
+def test_fast_path_on_gpus_adds_float16_and_xla_only_for_one_worker():
     cfg = build_config({}, {"data": "d", "fast": True, "use_gpu": True, "num_workers": 4})
-    assert (cfg.batch_size, cfg.jit_compile, cfg.mixed_precision) == (FAST_BATCH_PER_WORKER * 4, True, True)
+    assert (cfg.batch_size, cfg.jit_compile, cfg.mixed_precision) == (FAST_BATCH_PER_WORKER * 4, False, True)
+    one = build_config({}, {"data": "d", "fast": True, "use_gpu": True, "num_workers": 1})
+    assert (one.jit_compile, one.mixed_precision) == (True, True)
+
+
+def test_xla_is_refused_for_more_than_one_worker_on_any_device():
+    for use_gpu in (False, True):
+        with pytest.raises(JobError, match="--jit-compile works with --num-workers 1 only"):
+            build_config({}, {"data": "d", "jit_compile": True, "use_gpu": use_gpu, "num_workers": 2})
 
 
 def test_the_users_own_values_beat_the_fast_path(tmp_path):
