@@ -136,10 +136,15 @@ def prepare_data(source: str, out: str, num_shards: int = 8, seed: int = 0,
         raise JobError(f"cannot write the dataset to {out}: {e} (running as UID {os.getuid()})") from None
 
 
-def ensure_dataset(source: str, out: str) -> dict:
-    """`out` as it is if it holds a dataset (any recipe), else the default one from `source`."""
-    fs, root = resolve(out)
-    return _read_manifest(fs, root, required=False) or prepare_data(source, out)
+def has_dataset(data: str) -> bool:
+    """Whether `data` holds a complete dataset (its manifest is written last)."""
+    return _read_manifest(*resolve(data), required=False) is not None
+
+
+def ensure_dataset(source: str, out: str) -> None:
+    """Leave `out` as it is if it holds a dataset (any recipe), else write the default one."""
+    if not has_dataset(out):
+        prepare_data(source, out)
 
 
 def _write_dataset(fs, root: str, out: str, arrays: dict, recipe: dict) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 
 from job import data as D
 from job.config import JobConfig, JobError
-from job.runlock import run_lock
+from job.runlock import data_lock, run_lock
 
 # TF_USE_LEGACY_KERAS must be set when a worker process starts (Ray setting it later is too
 # late): it makes any `tf.keras` inside TensorFlow resolve to tf-keras, which MWMS needs.
@@ -164,18 +164,19 @@ def score(model, images: np.ndarray, labels: np.ndarray) -> dict:
 
 def run(cfg: JobConfig, prepare_data: bool = False) -> dict:
     """Train, evaluate, write OUTPUT (and promote). `prepare_data`: first write cfg.data from the
-    official files in cfg.source if it is missing (the scheduled job's one command, `retrain`)."""
+    official files in cfg.source if it holds no dataset (the scheduled job's one command)."""
     started = time.perf_counter()
     check_output_dir(cfg)
-    with run_lock(cfg.storage_path, cfg.run_name):
-        if prepare_data:
+    if prepare_data and not D.has_dataset(cfg.data):
+        with data_lock(cfg.data):  # two first runs write the dataset once
             D.ensure_dataset(cfg.source or D.default_source(), cfg.data)
-        return train_and_evaluate(cfg, started)
-
-
-def train_and_evaluate(cfg: JobConfig, started: float) -> dict:
-    manifest = D.validate_dataset(cfg.data)
+    manifest = D.validate_dataset(cfg.data)  # bad input fails before anything is written
     D.shard_files(manifest, "train", 0, cfg.num_workers)  # enough shards for every worker
+    with run_lock(cfg.storage_path, cfg.run_name):
+        return train_and_evaluate(cfg, manifest, started)
+
+
+def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float) -> dict:
     start_ray(cfg)
     print(f"[{cfg.run_name}] training {cfg.model} on {cfg.num_workers} worker(s), "
           f"global batch {cfg.batch_size}, {cfg.epochs} epochs; checkpoints in "
