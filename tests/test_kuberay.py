@@ -25,7 +25,8 @@ from tests.test_k8s import CONFIGMAP, rayjob_specs
 pytestmark = pytest.mark.slow
 IMAGE_IDX_DIR = "/opt/fashion-mnist"  # where k8s/image/Dockerfile puts the official IDX files
 # A short CPU run of the scheduled recipe: what differs from k8s/job.toml.
-CPU_SETTINGS = {"use_gpu": False, "model": "seed", "epochs": 2, "batch_size": 16, "min_accuracy": 0.2}
+CPU_SETTINGS = {"use_gpu": False, "cpus_per_worker": 1, "model": "seed", "epochs": 2, "batch_size": 16,
+                "min_accuracy": 0.2}
 RAYJOBS = dict(rayjob_specs())
 
 
