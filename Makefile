@@ -71,7 +71,7 @@ submit: data
 
 # The container image for KubeRay (needs a Docker engine). Its tag carries the pinned Ray version.
 RAY_VERSION := $(shell sed -n 's/.*"ray\[.*\]==\([0-9.]*\)".*/\1/p' pyproject.toml)
-IMAGE ?= fashion-job:$(RAY_VERSION)-py311-cu128
+IMAGE ?= fashion-job:$(RAY_VERSION)-py311-tf-cuda
 image:
 	docker build -f k8s/image/Dockerfile --build-arg RAY_VERSION=$(RAY_VERSION) -t $(IMAGE) .
 

@@ -2,7 +2,7 @@
 
     python cluster/render_k8s.py                      # rewrite the generated files
     python cluster/render_k8s.py --check              # exit 1 if they are stale (the tests run this)
-    python cluster/render_k8s.py --image registry.example.com/ml/fashion-job:2.60.0-py311-cu128 \\
+    python cluster/render_k8s.py --image registry.example.com/ml/fashion-job:2.60.0-py311-tf-cuda \\
         --storage-class efs-rwx --operator-namespace kuberay-system
 
 Sources: k8s/variants/rayjob-train-now.yaml (the RayJob) and k8s/job.toml (the job's settings).
