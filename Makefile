@@ -10,7 +10,7 @@ MODEL   ?= seed
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup data train-local test lint fashion-mnist-source image k8s-render bench cluster-up cluster-down submit
+.PHONY: setup data train-local gpu-check test lint fashion-mnist-source image k8s-render bench cluster-up cluster-down submit
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ train-local: data
 # Epoch times (plain Keras vs Ray 1/2 workers vs fast path), data read, Ray start-up -> bench/results.json
 bench: setup fashion-mnist-source
 	$(PY) bench/run.py
+
+# On a machine with NVIDIA GPUs: what TensorFlow sees, short real runs per recipe, one table.
+gpu-check: data
+	$(PY) bench/gpu_check.py --data $(DATA) --epochs $(if $(filter command line,$(origin EPOCHS)),$(EPOCHS),3)
 
 test: setup fashion-mnist-source
 	$(PY) -m pytest

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from job.config import DEFAULTS, FAST_EPOCHS, JobError, build_config, load_config_file
+from job.config import DEFAULTS, FAST_EPOCHS, RECIPES, JobError, build_config, load_config_file
 
 # Keep TensorFlow's C++ start-up chatter off the console (must be set before TF is imported).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -36,6 +36,11 @@ def train_flags(parser: argparse.ArgumentParser) -> None:
                         help=f"GLOBAL batch, split across workers (default {DEFAULTS.batch_size})")
     parser.add_argument("--learning-rate", type=float, default=s,
                         help=f"default {DEFAULTS.learning_rate}")
+    parser.add_argument("--lr-schedule", default=s, help="constant (default) or cosine")
+    parser.add_argument("--warmup-epochs", type=int, default=s,
+                        help=f"linear LR warm-up epochs (default {DEFAULTS.warmup_epochs})")
+    parser.add_argument("--recipe", default=s,
+                        help=f"a named preset: {', '.join(RECIPES)} (README; flags given win)")
     parser.add_argument("--seed", type=int, default=s, help=f"default {DEFAULTS.seed}")
     parser.add_argument("--use-gpu", action="store_true", default=s,
                         help="one GPU per worker, NCCL all-reduce")

@@ -16,6 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MODEL_NAMES = ("seed", "strong")
+LR_SCHEDULES = ("constant", "cosine")
+# Named recipes: presets between the defaults and the user's own values (README: measured).
+# "large-batch": few, large optimizer steps (GPU time per epoch is about proportional to steps).
+RECIPES = {
+    "large-batch": {"batch_size": 1024, "learning_rate": 4e-3, "lr_schedule": "cosine",
+                    "warmup_epochs": 1, "epochs": 10},
+}
 
 
 class JobError(Exception):
@@ -33,7 +40,10 @@ class JobConfig:
     epochs: int = 10
     num_workers: int = 2
     batch_size: int = 64  # GLOBAL batch, split evenly across all replicas
-    learning_rate: float = 1e-3  # Adam's default, as in the reference
+    learning_rate: float = 1e-3  # Adam's default, as in the reference (the peak, with a schedule)
+    lr_schedule: str = "constant"  # or "cosine": decay to 1 % over the run ("strong" always decays)
+    warmup_epochs: int = 0  # linear LR warm-up from 0 over this many epochs (large batches need it)
+    recipe: str = ""  # a named preset of the settings above, see RECIPES (flags still win)
     seed: int = 0
     use_gpu: bool = False
     cpus_per_worker: int = 1
@@ -70,6 +80,12 @@ class JobConfig:
             (0 <= self.min_accuracy <= 1, f"--min-accuracy must be in [0, 1] (got {self.min_accuracy})"),
             (self.max_regression >= 0, f"--max-regression must be >= 0 (got {self.max_regression})"),
             (self.model in MODEL_NAMES, f"--model must be one of {MODEL_NAMES} (got {self.model!r})"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"--lr-schedule must be one of {LR_SCHEDULES} (got {self.lr_schedule!r})"),
+            (0 <= self.warmup_epochs < self.epochs,
+             f"--warmup-epochs must be in [0, --epochs) (got {self.warmup_epochs})"),
+            (self.recipe in ("", *RECIPES),
+             f"--recipe must be one of {tuple(RECIPES)} (got {self.recipe!r})"),
             (bool(self.data), "--data is required"),
         ]
         for ok, message in checks:
@@ -122,8 +138,8 @@ def fast_path_settings(chosen: dict) -> dict:
 
 # Settings that define the trained model (and therefore the default run name).
 TRAINING_FIELDS = (
-    "data", "model", "epochs", "num_workers", "batch_size", "learning_rate", "seed", "use_gpu",
-    "jit_compile", "mixed_precision",
+    "data", "model", "epochs", "num_workers", "batch_size", "learning_rate", "lr_schedule",
+    "warmup_epochs", "seed", "use_gpu", "jit_compile", "mixed_precision",
 )
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(JobConfig) if f.name != "extra")
 
@@ -146,7 +162,9 @@ def build_config(file_values: dict, flag_values: dict) -> JobConfig:
     merged = {**file_values, **flag_values}
     known = {k: v for k, v in merged.items() if k in FIELD_NAMES}
     unknown = {k: v for k, v in merged.items() if k not in FIELD_NAMES}
-    if known.get("fast"):  # the preset sits between the defaults and the user's own values
+    if known.get("recipe") in RECIPES:  # presets sit between the defaults and the user's values
+        known = {**RECIPES[known["recipe"]], **known}
+    if known.get("fast"):
         known = {**fast_path_settings(known), **known}
     if not known.get("ray_address"):
         known["ray_address"] = os.environ.get("RAY_ADDRESS", "")

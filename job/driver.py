@@ -202,6 +202,9 @@ def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float) -> dict:
         "model": cfg.model,
         "best_epoch": best["epoch"],
         "best_val_accuracy": best["val_accuracy"],
+        # A hardware-neutral cost: GPU time per epoch is about proportional to optimizer steps.
+        "optimizer_steps": best.get("optimizer_steps"),  # None for checkpoints of older versions
+        "global_batch_size": cfg.batch_size,
         "checkpoint": checkpoint.path,
         "epoch_seconds": [h["epoch_seconds"] for h in history],
         "restarts": len(state["starts"]) - 1,  # worker-group restarts and driver reruns

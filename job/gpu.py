@@ -20,6 +20,11 @@ class GpuUnavailable(RuntimeError):
     """Ray assigned GPUs to a worker that TensorFlow cannot use."""
 
 
+def gpu_names() -> list[str]:
+    """The GPUs TensorFlow can use in this process."""
+    return [d.name for d in tf.config.list_physical_devices("GPU")]
+
+
 def why_no_gpu() -> str:
     """The first broken link between TensorFlow and the GPU, in one phrase."""
     if not tf.test.is_built_with_cuda():

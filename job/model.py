@@ -66,16 +66,22 @@ MODELS = {"seed": seed_cnn, "strong": strong_cnn}
 
 
 def build_model(name: str, learning_rate: float, steps_per_epoch: int = 0, epochs: int = 0,
-                jit_compile: bool = False) -> keras.Model:
-    """Build and compile a model. With a schedule horizon, "strong" decays its LR (cosine).
+                jit_compile: bool = False, lr_schedule: str = "constant",
+                warmup_epochs: int = 0) -> keras.Model:
+    """Build and compile a model. Given the run's length (steps_per_epoch, epochs), the learning
+    rate warms up linearly over `warmup_epochs`, then stays (constant) or decays to 1 % (cosine;
+    always for "strong").
 
     Under a mixed_float16 policy the layers compute in float16; the output layer stays float32
     so the softmax and the loss are computed in full precision.
     """
     model = MODELS[name]()
-    if name == "strong" and steps_per_epoch and epochs:
+    if steps_per_epoch and epochs and (warmup_epochs or lr_schedule == "cosine" or name == "strong"):
+        warmup = steps_per_epoch * warmup_epochs
         learning_rate = keras.optimizers.schedules.CosineDecay(
-            learning_rate, decay_steps=steps_per_epoch * epochs, alpha=0.01)
+            0.0 if warmup else learning_rate, decay_steps=steps_per_epoch * epochs - warmup,
+            alpha=1.0 if lr_schedule == "constant" and name != "strong" else 0.01,
+            warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss="categorical_crossentropy",

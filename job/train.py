@@ -135,7 +135,8 @@ class ReportEachEpoch(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         metrics = {k: float(v) for k, v in logs.items()}
-        metrics.update(epoch=epoch + 1, epoch_seconds=time.perf_counter() - self.started)
+        metrics.update(epoch=epoch + 1, epoch_seconds=time.perf_counter() - self.started,
+                       optimizer_steps=int(self.model.optimizer.iterations.numpy()))
         self.state["epoch"] = epoch + 1
         self.state["history"].append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
@@ -186,7 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
         # Variables created inside the scope are mirrored on every replica and kept in sync.
         with strategy.scope():
             model = build_model(cfg.model, cfg.learning_rate, train_steps, cfg.epochs,
-                                cfg.jit_compile)
+                                cfg.jit_compile, cfg.lr_schedule, cfg.warmup_epochs)
             model.optimizer.build(model.trainable_variables)  # slots exist before a restore
             checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
         if ckpt_dir:

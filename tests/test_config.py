@@ -106,3 +106,15 @@ def test_the_users_own_values_beat_the_fast_path(tmp_path):
     cfg = build_config(load_config_file(str(path)), {"data": "d", "learning_rate": 5e-4, "epochs": 3})
     assert (cfg.batch_size, cfg.learning_rate, cfg.epochs) == (128, 5e-4, 3)
     assert build_config({}, {"data": "d", "fast": True, "batch_size": 64}).learning_rate == 1e-3
+
+
+def test_large_batch_recipe_is_a_preset_the_users_values_beat():
+    cfg = build_config({}, {"data": "d", "recipe": "large-batch"})
+    assert (cfg.batch_size, cfg.learning_rate, cfg.lr_schedule, cfg.warmup_epochs, cfg.epochs) == (
+        1024, 4e-3, "cosine", 1, 10)
+    assert build_config({}, {"data": "d", "recipe": "large-batch", "epochs": 20}).epochs == 20
+    assert cfg.run_name != build_config({}, {"data": "d"}).run_name
+    with pytest.raises(JobError, match="--recipe must be one of"):
+        build_config({}, {"data": "d", "recipe": "huge"})
+    with pytest.raises(JobError, match="--warmup-epochs must be in"):
+        build_config({}, {"data": "d", "warmup_epochs": 10, "epochs": 10})

@@ -32,3 +32,14 @@ def test_a_granted_gpu_tensorflow_cannot_use_fails_the_run_before_training(
     assert "epoch 1/" not in r.stdout  # not one step on the CPU
     assert not (tmp_path / "out").exists()
     assert not list((tmp_path / "ckpt").glob("*/checkpoint_*"))
+
+
+@pytest.mark.gpu
+def test_one_real_gpu_worker_trains_on_the_gpu(small_data, tmp_path):
+    from job.gpu import gpu_names, why_no_gpu
+
+    if not gpu_names():
+        pytest.skip(f"no GPU for TensorFlow here: {why_no_gpu()}")
+    r = run_cli("train", "--data", small_data, "--use-gpu", "--num-workers", "1", "--epochs", "1",
+                "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ckpt"))
+    assert r.returncode == 0, r.stderr[-3000:]

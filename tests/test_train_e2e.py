@@ -39,6 +39,10 @@ def test_two_worker_run_writes_metrics_and_per_epoch_checkpoints(finished_run):
     metrics = json.loads((tmp / "out" / "metrics.json").read_text())
     assert metrics["params"] == 841_546
     assert metrics["num_workers"] == 2 and metrics["epochs_completed"] == 2
+    # 960 train images, global batch 64: 15 steps an epoch; the best epoch's count is recorded
+    assert metrics["global_batch_size"] == 64
+    assert metrics["optimizer_steps"] == 15 * metrics["best_epoch"]
+    assert [h["optimizer_steps"] for h in metrics["history"]] == [15, 30]
     assert len(metrics["epoch_seconds"]) == 2 and all(s > 0 for s in metrics["epoch_seconds"])
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_loss"] > 0
     # the small subset is easy to beat chance on, even in 2 epochs
