@@ -96,10 +96,11 @@ def local_cluster(state: Path, worker_nodes: int, gpus_per_node: int = 0):
                        timeout=120)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
-    """Head + 3 worker nodes (so 2 remain for a 2-worker job when one is lost)."""
-    with local_cluster(tmp_path_factory.mktemp("cluster"), worker_nodes=3) as ready:
+    """One cluster for the session: head + 3 worker nodes, so 2 remain for a 2-worker job after
+    test_cluster.py kills one; each advertises 1 GPU it does not have (test_gpu.py)."""
+    with local_cluster(tmp_path_factory.mktemp("cluster"), worker_nodes=3, gpus_per_node=1) as ready:
         yield ready
 
 

@@ -19,7 +19,10 @@ from tests.conftest import ray_job
 pytestmark = pytest.mark.slow
 
 
-def submit(cluster, data, tmp, epochs=10):  # long enough to be killed mid-run
+EPOCHS = 6  # long enough to be killed mid-run
+
+
+def submit(cluster, data, tmp, epochs=EPOCHS):
     job_id = f"fashion-{tmp.name}"
     r = ray_job(cluster, "submit", "--no-wait", "--submission-id", job_id, "--working-dir", ".",
                 "--runtime-env",
@@ -82,9 +85,9 @@ def parent(pid: int) -> int:
 
 def check_recovered(tmp):
     metrics = json.loads((tmp / "out" / "metrics.json").read_text())
-    assert metrics["epochs_completed"] == 10
+    assert metrics["epochs_completed"] == EPOCHS
     assert metrics["restarts"] >= 1 and metrics["resumed_from_epochs"], metrics
-    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 11))
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, EPOCHS + 1))
     return metrics
 
 

@@ -1,5 +1,5 @@
-"""The GPU path without a GPU: Ray grants GPUs that do not exist (`ray start --num-gpus`), and
-TensorFlow sees none. Such a run must fail at once, not train on the CPU."""
+"""The GPU path without a GPU: the session's local cluster grants GPUs that do not exist (`ray
+start --num-gpus`), and TensorFlow sees none. Such a run must fail at once, not train on the CPU."""
 
 from __future__ import annotations
 
@@ -7,22 +7,16 @@ import os
 
 import pytest
 
-from tests.conftest import error_line, local_cluster, run_cli
+from tests.conftest import error_line, run_cli
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def fake_gpu_cluster(tmp_path_factory):
-    with local_cluster(tmp_path_factory.mktemp("gpu-cluster"), worker_nodes=2, gpus_per_node=1) as ready:
-        yield ready
-
-
 def test_a_granted_gpu_tensorflow_cannot_use_fails_the_run_before_training(
-        fake_gpu_cluster, small_data, tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": fake_gpu_cluster["token"]}
+        cluster, small_data, tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": cluster["token"]}
     r = run_cli("train", "--data", small_data, "--use-gpu", "--num-workers", "2", "--epochs", "3",
-                "--max-failures", "0", "--ray-address", fake_gpu_cluster["gcs"],
+                "--max-failures", "0", "--ray-address", cluster["gcs"],
                 "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ckpt"),
                 env=env, timeout=300)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
