@@ -18,10 +18,12 @@ from pathlib import Path
 MODEL_NAMES = ("seed", "strong")
 LR_SCHEDULES = ("constant", "cosine")
 # Named recipes: presets between the defaults and the user's own values (README: measured).
-# "large-batch": few, large optimizer steps (GPU time per epoch is about proportional to steps).
+# "large-batch": few, large optimizer steps (GPU time per epoch is about proportional to steps):
+# 46 steps an epoch (2 workers) instead of 750. A 10-epoch cosine scored 0.8894 after 414 steps
+# (README); over 20 epochs a single-process probe passed 0.90 by step 598.
 RECIPES = {
     "large-batch": {"batch_size": 1024, "learning_rate": 4e-3, "lr_schedule": "cosine",
-                    "warmup_epochs": 1, "epochs": 10},
+                    "warmup_epochs": 1, "epochs": 20},
 }
 
 

@@ -1,5 +1,5 @@
 """Every RayJob in k8s/, run the way KubeRay v1.7.0 runs it (tests/kuberay.py), on a real local
-multi-node Ray cluster with token auth.
+multi-node Ray cluster with token auth (all of them yield one submitter command, checked first).
 
 The pods' volumes are directories under one root: ConfigMap keys written as files (job.toml cut
 to a short CPU run), each PVC a directory, the image's /opt/fashion-mnist the official IDX files.
