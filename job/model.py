@@ -76,11 +76,12 @@ def build_model(name: str, learning_rate: float, steps_per_epoch: int = 0, epoch
     so the softmax and the loss are computed in full precision.
     """
     model = MODELS[name]()
-    if steps_per_epoch and epochs and (warmup_epochs or lr_schedule == "cosine" or name == "strong"):
+    cosine = lr_schedule == "cosine" or name == "strong"
+    if steps_per_epoch and epochs and (warmup_epochs or cosine):
         warmup = steps_per_epoch * warmup_epochs
-        learning_rate = keras.optimizers.schedules.CosineDecay(
+        learning_rate = keras.optimizers.schedules.CosineDecay(  # alpha 1: no decay, warm-up only
             0.0 if warmup else learning_rate, decay_steps=steps_per_epoch * epochs - warmup,
-            alpha=1.0 if lr_schedule == "constant" and name != "strong" else 0.01,
+            alpha=0.01 if cosine else 1.0,
             warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
