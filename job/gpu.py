@@ -44,7 +44,7 @@ def why_no_gpu() -> str:
 
 def check_worker_gpus(rank: int, assigned: list) -> None:
     """Raise GpuUnavailable unless TensorFlow sees exactly the `assigned` GPUs of this worker."""
-    seen = tf.config.list_physical_devices("GPU")
+    seen = gpu_names()
     if len(seen) == len(assigned):
         return
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")
