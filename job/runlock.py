@@ -63,17 +63,13 @@ def holder(fd: int) -> str:
         return "another driver"
 
 
-def lock_path(storage_path: str, run_name: str) -> str:
-    return os.path.join(storage_path, f".{run_name}.lock")
-
-
 @contextlib.contextmanager
 def run_lock(storage_path: str, run_name: str):
     """Hold the run's lock for the block, or raise JobError if another live driver has it."""
     if "://" in storage_path:
         yield
         return
-    path = lock_path(storage_path, run_name)
+    path = os.path.join(storage_path, f".{run_name}.lock")
     try:
         with file_lock(path):
             yield

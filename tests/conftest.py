@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -71,15 +70,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def local_cluster(state: Path, worker_nodes: int, gpus_per_node: int = 0):
-    """A local multi-node Ray cluster (cluster/local.sh: loopback, token auth): a head of 0 CPUs
-    and `worker_nodes` nodes of 1 CPU (and `gpus_per_node` GPUs that do not exist)."""
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """One local multi-node Ray cluster for the session (cluster/local.sh: loopback, token auth):
+    a head of 0 CPUs + 3 worker nodes of 1 CPU, so 2 remain for a 2-worker job after
+    test_cluster.py kills one; each advertises 1 GPU it does not have (test_gpu.py)."""
+    state = tmp_path_factory.mktemp("cluster")
     gcs_port = free_port()
     env = {**os.environ, "CLUSTER_DIR": str(state), "GCS_PORT": str(gcs_port),
-           "DASHBOARD_PORT": str(free_port()), "RAY": RAY, "GPUS_PER_NODE": str(gpus_per_node)}
-    up = subprocess.run(["cluster/local.sh", "up", str(worker_nodes)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=180)
+           "DASHBOARD_PORT": str(free_port()), "RAY": RAY, "GPUS_PER_NODE": "1"}
+    up = subprocess.run(["cluster/local.sh", "up", "3"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=180)
     assert up.returncode == 0, up.stderr
     ready = {"address": (state / "address").read_text().strip(), "token": str(state / "auth_token"),
              "gcs": f"127.0.0.1:{gcs_port}", "dir": state}
@@ -96,12 +97,9 @@ def local_cluster(state: Path, worker_nodes: int, gpus_per_node: int = 0):
                        timeout=120)
 
 
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
-    """One cluster for the session: head + 3 worker nodes, so 2 remain for a 2-worker job after
-    test_cluster.py kills one; each advertises 1 GPU it does not have (test_gpu.py)."""
-    with local_cluster(tmp_path_factory.mktemp("cluster"), worker_nodes=3, gpus_per_node=1) as ready:
-        yield ready
+def can_unshare_mounts() -> bool:
+    """A private mount namespace is possible here (root, and a kernel/container that allows it)."""
+    return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
 
 
 def ray_job(cluster, *args, token=True, timeout=60, home=None) -> subprocess.CompletedProcess:

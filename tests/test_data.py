@@ -10,7 +10,7 @@ import pytest
 
 from job import data as D
 from job.config import JobError
-from tests.conftest import REPO, SMALL, error_line, run_cli
+from tests.conftest import REPO, SMALL, can_unshare_mounts, error_line, run_cli
 
 
 def test_parquet_round_trip_keeps_the_official_pixels_and_labels(source_dir, small_data):
@@ -69,8 +69,7 @@ def test_prepare_data_refuses_a_foreign_non_empty_directory(source_dir, tmp_path
     assert os.listdir(tmp_path) == ["notes.txt"]
 
 
-@pytest.mark.skipif(subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode,
-                    reason="needs a private mount namespace (root) for a read-only mount")
+@pytest.mark.skipif(not can_unshare_mounts(), reason="needs a private mount namespace for a read-only mount")
 def test_prepare_data_on_a_read_only_volume_is_one_clear_error(source_dir, tmp_path):
     """As on an RWX volume this user may not write (README: RWX ownership)."""
     volume = tmp_path / "volume"

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SMALL, ray_job
+from tests.conftest import REPO, SMALL, can_unshare_mounts, ray_job
 from tests.kuberay import (
     job_submit_command,
     random_suffix,
@@ -34,11 +33,6 @@ IMAGE_IDX_DIR = "/opt/fashion-mnist"  # where k8s/image/Dockerfile puts the offi
 CPU_SETTINGS = {"use_gpu": False, "cpus_per_worker": 1, "model": "seed", "epochs": 2, "batch_size": 16,
                 "min_accuracy": 0.2}
 RAYJOBS = dict(rayjob_specs())
-
-
-def can_hide_volumes() -> bool:
-    """A private mount namespace (root, and a kernel/container that allows it)."""
-    return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
 
 
 class Pods:
@@ -91,7 +85,7 @@ class Pods:
         """Create the RayJob: the submitter Job runs; returns (job_id, pods, Ray status, end state)."""
         spec = {**self.spec, "entrypoint": self.local(entrypoint or self.spec["entrypoint"])}
         job_id = job_id or f"fashion-retrain-{random_suffix()}-{random_suffix()}"
-        pods = run_submitter_job(spec, cluster, job_id, hide=self.root if can_hide_volumes() else None)
+        pods = run_submitter_job(spec, cluster, job_id, hide=self.root if can_unshare_mounts() else None)
         status = ray_job_status(cluster, job_id)
         return job_id, pods, status, rayjob_end_state(pods, status)
 
@@ -169,7 +163,7 @@ def test_a_rayjob_whose_training_fails_never_ends_succeeded(cluster, small_data,
     assert not trained_runs(pods.models()) and not (pods.models() / "current").exists()
 
 
-@pytest.mark.skipif(not can_hide_volumes(), reason="needs a private mount namespace (root)")
+@pytest.mark.skipif(not can_unshare_mounts(), reason="needs a private mount namespace (root)")
 def test_an_entrypoint_split_by_the_shell_would_end_succeeded_without_training(
         cluster, small_data, source_dir, tmp_path):
     """Why the entrypoint is one command: the old `prepare-data ... && train ...` under KubeRay's
