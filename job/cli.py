@@ -9,62 +9,29 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import sys
 
-from job.config import DEFAULTS, FAST_EPOCHS, RECIPES, JobError, build_config, load_config_file
+from job.config import DEFAULTS, JobConfig, JobError, build_config, load_config_file
+from job.env import set_job_env
 
-# Keep TensorFlow's C++ start-up chatter off the console (must be set before TF is imported).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+set_job_env()  # before anything imports TensorFlow
 
-def train_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags for JobConfig fields. Absent flags stay absent so a config file can supply them."""
+
+def train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per JobConfig field, from the field's type, default and help text. Absent flags
+    stay absent (SUPPRESS), so a config file can supply them."""
     s = argparse.SUPPRESS
     parser.add_argument("--config", default=s, help="TOML or JSON file of settings (flags win)")
-    parser.add_argument("--data", default=s, help="dataset from prepare-data (path or URI)")
-    parser.add_argument("--output", default=s, help=f"results dir (default {DEFAULTS.output})")
-    parser.add_argument("--storage-path", default=s,
-                        help=f"Ray checkpoint storage, path or s3:// gs:// (default {DEFAULTS.storage_path})")
-    parser.add_argument("--name", default=s,
-                        help="Ray run name; rerun with the same name to resume (default: derived)")
-    parser.add_argument("--model", default=s, help="seed (reference CNN, default) or strong")
-    parser.add_argument("--epochs", type=int, default=s, help=f"default {DEFAULTS.epochs}")
-    parser.add_argument("--num-workers", type=int, default=s, help=f"default {DEFAULTS.num_workers}")
-    parser.add_argument("--batch-size", type=int, default=s,
-                        help=f"GLOBAL batch, split across workers (default {DEFAULTS.batch_size})")
-    parser.add_argument("--learning-rate", type=float, default=s,
-                        help=f"default {DEFAULTS.learning_rate}")
-    parser.add_argument("--lr-schedule", default=s, help="constant (default) or cosine")
-    parser.add_argument("--warmup-epochs", type=int, default=s,
-                        help=f"linear LR warm-up epochs (default {DEFAULTS.warmup_epochs})")
-    parser.add_argument("--recipe", default=s,
-                        help=f"a named preset: {', '.join(RECIPES)} (README; flags given win)")
-    parser.add_argument("--seed", type=int, default=s, help=f"default {DEFAULTS.seed}")
-    parser.add_argument("--use-gpu", action="store_true", default=s,
-                        help="one GPU per worker, NCCL all-reduce")
-    parser.add_argument("--cpus-per-worker", type=int, default=s,
-                        help=f"default {DEFAULTS.cpus_per_worker}")
-    parser.add_argument("--max-failures", type=int, default=s,
-                        help=f"worker-group restarts from the last checkpoint (default "
-                             f"{DEFAULTS.max_failures}; -1 = unlimited)")
-    parser.add_argument("--fast", action="store_true", default=s,
-                        help=f"fast path: bigger batches, scaled LR, {FAST_EPOCHS} epochs; "
-                             "on GPUs also XLA + float16")
-    parser.add_argument("--jit-compile", action="store_true", default=s,
-                        help="XLA-compile the training step (part of --fast on GPUs)")
-    parser.add_argument("--mixed-precision", action="store_true", default=s,
-                        help="float16 compute (needs --use-gpu; part of --fast on GPUs)")
-    parser.add_argument("--promote-to", default=s,
-                        help="models dir: make this run MODELS/current if it passes the checks below")
-    parser.add_argument("--min-accuracy", type=float, default=s,
-                        help=f"promotion floor on test accuracy (default {DEFAULTS.min_accuracy})")
-    parser.add_argument("--max-regression", type=float, default=s,
-                        help=f"promotion: largest drop below the current model (default "
-                             f"{DEFAULTS.max_regression})")
-    parser.add_argument("--ray-address", default=s,
-                        help="existing Ray cluster (default $RAY_ADDRESS, else a private local Ray)")
+    for f in dataclasses.fields(JobConfig):
+        if "help" not in f.metadata or f.name in skip:
+            continue
+        default = getattr(DEFAULTS, f.name)
+        shown = "" if default is False or default in ("", "-") else f" (default {default})"
+        kind = {"action": "store_true"} if isinstance(default, bool) else {"type": type(default)}
+        parser.add_argument("--" + f.name.replace("_", "-"), default=s, **kind,
+                            help=(f.metadata["help"] + shown).replace("%", "%%"))
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -81,12 +48,10 @@ def make_parser() -> argparse.ArgumentParser:
     prep.add_argument("--limit", type=int, default=0,
                       help="keep only the first N train and N test images (smoke tests)")
 
-    train_flags(sub.add_parser("train", help="train with Ray, evaluate the best checkpoint"))
-    retrain = sub.add_parser("retrain", help="the scheduled job in one command: prepare-data "
-                             "into --data from --source if it is missing, then train")
-    train_flags(retrain)
-    retrain.add_argument("--source", default=argparse.SUPPRESS,
-                         help="official IDX files (default $FASHION_MNIST_DIR, else Debian's)")
+    train_flags(sub.add_parser("train", help="train with Ray, evaluate the best checkpoint"),
+                skip=("source",))
+    train_flags(sub.add_parser("retrain", help="the scheduled job in one command: prepare-data "
+                               "into --data from --source if it is missing, then train"))
 
     ev = sub.add_parser("evaluate", help="score an exported model on the test shards")
     ev.add_argument("--model", required=True, help="OUTPUT/model of a train run")

@@ -25,39 +25,57 @@ RECIPES = {
     "large-batch": {"batch_size": 1024, "learning_rate": 4e-3, "lr_schedule": "cosine",
                     "warmup_epochs": 1, "epochs": 20},
 }
+FAST_EPOCHS = 12  # see fast_path_settings
 
 
 class JobError(Exception):
     """A problem with the user's input or environment; the CLI prints it as one line, exit 2."""
 
 
+def setting(default, help: str):
+    """A JobConfig field: its default and the help text its command-line flag shows."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class JobConfig:
-    data: str  # Parquet dataset written by `prepare-data` (local path or pyarrow.fs URI)
-    source: str = ""  # official IDX files `retrain` turns into `data` if missing ("" = default_source)
-    output: str = "runs/local"  # metrics.json, exported model, plots (strftime codes allowed)
-    storage_path: str = "runs/checkpoints"  # Ray Train checkpoints (shared storage on a cluster)
-    name: str = ""  # Ray run name (strftime codes allowed); empty = derived, see run_name
-    model: str = "seed"  # one of MODEL_NAMES; "seed" is the reference notebook's CNN
-    epochs: int = 10
-    num_workers: int = 2
-    batch_size: int = 64  # GLOBAL batch, split evenly across all replicas
-    learning_rate: float = 1e-3  # Adam's default, as in the reference (the peak, with a schedule)
-    lr_schedule: str = "constant"  # or "cosine": decay to 1 % over the run ("strong" always decays)
-    warmup_epochs: int = 0  # linear LR warm-up from 0 over this many epochs (large batches need it)
-    recipe: str = ""  # a named preset of the settings above, see RECIPES (flags still win)
-    seed: int = 0
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    max_failures: int = 0  # worker-group restarts Ray may make from the last checkpoint
-    ray_address: str = ""  # empty = $RAY_ADDRESS, else a private local Ray on 127.0.0.1
-    fast: bool = False  # the fast path: fast_path_settings() for this hardware (flags still win)
-    jit_compile: bool = False  # XLA-compile the train step (GPU fast path)
-    mixed_precision: bool = False  # float16 compute, float32 variables (GPU fast path)
-    promote_to: str = ""  # models dir whose `current` this run replaces if good enough
-    min_accuracy: float = 0.90  # promotion floor on test accuracy
-    max_regression: float = 0.005  # promotion: at most this much below the current model
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
+    """Every field is also a flag of `train`/`retrain` (`--num-workers` for num_workers), a key of
+    `--config FILE`, and a row of README's flag table (tests/test_config.py checks all three)."""
+
+    data: str = setting("", "dataset written by prepare-data (path or pyarrow.fs URI); required")
+    source: str = setting("", "retrain only: official IDX files to prepare --data from if it holds "
+                              "no dataset (default $FASHION_MNIST_DIR, else Debian's)")
+    output: str = setting("runs/local", "results dir: metrics.json, model, plots (strftime codes "
+                                        "allowed)")
+    storage_path: str = setting("runs/checkpoints", "Ray Train checkpoints: a path all nodes "
+                                                    "share, or s3:// gs://")
+    name: str = setting("", "Ray run name (strftime codes allowed); rerun with the same name to "
+                            "resume (default: derived from the training settings)")
+    model: str = setting("seed", f"one of {', '.join(MODEL_NAMES)}; seed is the reference CNN")
+    epochs: int = setting(10, "passes over the training set")
+    num_workers: int = setting(2, "Ray Train workers, one MWMS replica each")
+    batch_size: int = setting(64, "GLOBAL batch, split evenly across the workers")
+    learning_rate: float = setting(1e-3, "Adam's (peak) learning rate, as in the reference")
+    lr_schedule: str = setting("constant", "constant or cosine (decay to 1 % over the run; "
+                                           "strong always decays)")
+    warmup_epochs: int = setting(0, "linear learning-rate warm-up from 0 over this many epochs")
+    recipe: str = setting("", f"a named preset ({', '.join(RECIPES)}); flags given win")
+    seed: int = setting(0, "initialisation and shuffle seed")
+    use_gpu: bool = setting(False, "one GPU per worker, NCCL all-reduce; a GPU TensorFlow cannot "
+                                   "use fails the run")
+    cpus_per_worker: int = setting(1, "CPUs Ray reserves per worker; also TensorFlow's threads")
+    max_failures: int = setting(0, "worker-group restarts from the last checkpoint (-1: no limit)")
+    ray_address: str = setting("", "an existing Ray cluster (default $RAY_ADDRESS, else a "
+                                   "private local Ray on 127.0.0.1)")
+    fast: bool = setting(False, f"fast path: bigger batches, scaled LR, {FAST_EPOCHS} epochs; on "
+                                "GPUs also float16, and XLA for one worker (flags given win)")
+    jit_compile: bool = setting(False, "XLA-compile the training step (one worker only)")
+    mixed_precision: bool = setting(False, "float16 compute, float32 variables (needs --use-gpu)")
+    promote_to: str = setting("", "models dir: make this run MODELS/current if it passes the "
+                                  "checks below")
+    min_accuracy: float = setting(0.90, "promotion floor on test accuracy")
+    max_regression: float = setting(0.005, "promotion: largest drop below the current model")
+    extra: dict = field(default_factory=dict, compare=False, repr=False)  # unknown keys, refused
 
     def __post_init__(self):
         checks = [
@@ -113,7 +131,7 @@ class JobConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
 
 
-DEFAULTS = JobConfig(data="-")  # the defaults, for help texts and presets
+DEFAULTS = JobConfig(data="-")  # the defaults, for presets
 
 
 # `--fast`: reach the reference's accuracy sooner (measured: README, `make bench`). A bigger
@@ -122,7 +140,6 @@ DEFAULTS = JobConfig(data="-")  # the defaults, for help texts and presets
 # seed model scored 0.8970 after 10 such epochs and 0.9010 after 12, in 62 % of the default
 # job's training time. On GPUs also float16, and XLA with one worker; on CPUs XLA made the step slower.
 FAST_BATCH_PER_WORKER = 128
-FAST_EPOCHS = 12
 FAST_PATH_GPU = {"mixed_precision": True}
 FAST_PATH_ONE_GPU = {**FAST_PATH_GPU, "jit_compile": True}  # XLA: one worker only (see checks)
 

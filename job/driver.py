@@ -11,22 +11,22 @@ import json
 import os
 import shutil
 import socket
+import tempfile
+import threading
 import time
 
 import numpy as np
 
 from job import data as D
 from job.config import JobConfig, JobError
+from job.env import JOB_ENV
 from job.runlock import data_lock, run_lock
 
-# TF_USE_LEGACY_KERAS must be set when a worker process starts (Ray setting it later is too
-# late): it makes any `tf.keras` inside TensorFlow resolve to tf-keras, which MWMS needs.
-WORKER_ENV = {
-    "TF_USE_LEGACY_KERAS": "1",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-}
 METRICS_FILE = "metrics.json"
+# Where Ray keeps every worker's full output (its documented default; on each node of a cluster).
+RAY_LOGS = "/tmp/ray/session_latest/logs"
+# TensorFlow's native start-up lines in the driver (see workarounds.native_stderr_to).
+DRIVER_TF_LOG = os.path.join(tempfile.gettempdir(), "fashion-job-driver-tensorflow.log")
 
 
 def check_output_dir(cfg: JobConfig) -> None:
@@ -63,12 +63,15 @@ def start_ray(cfg: JobConfig) -> None:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
-    quiet = ray.LoggingConfig(log_level="ERROR")  # no PlacementGroupCleaner warning spam
+    # The console shows the job's own lines: Ray's at ERROR only, and no stream of the workers'
+    # and Ray Train controller's output (TensorFlow's C++ start-up lines, Ray's actor warnings).
+    # That output stays in Ray's log files (RAY_LOGS); a failure's error is raised here.
+    quiet = {"logging_config": ray.LoggingConfig(log_level="ERROR"), "log_to_driver": False}
     if cfg.ray_address:
         check_reachable(cfg.ray_address)
-        ray.init(address=cfg.ray_address, logging_config=quiet)
+        ray.init(address=cfg.ray_address, **quiet)
     else:
-        ray.init(address="local", include_dashboard=False, logging_config=quiet)
+        ray.init(address="local", include_dashboard=False, **quiet)
     have = ray.cluster_resources()
     need = {"CPU": cfg.num_workers * cfg.cpus_per_worker}
     if cfg.use_gpu:
@@ -81,18 +84,28 @@ def start_ray(cfg: JobConfig) -> None:
 
 def fit(cfg: JobConfig):
     import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.util.queue import Queue
 
-    from job.train import train_loop_per_worker
+    from job.workarounds import native_stderr_to
+
+    with native_stderr_to(DRIVER_TF_LOG):  # TensorFlow's import and device discovery
+        import tensorflow as tf
+        from ray.train.tensorflow import TensorflowTrainer
+
+        from job.train import train_loop_per_worker
+
+        tf.config.list_physical_devices()
+
+    epoch_lines = Queue(actor_options={"num_cpus": 0})  # 0: the workers may hold every CPU
 
     class EpochSummary(ray.train.UserCallback):
-        """One line per epoch, printed by Ray's controller on the driver's console."""
+        """One line per epoch, sent from Ray's train controller to the driver's console."""
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0]
-            print(f"[{cfg.run_name}] epoch {m['epoch']}/{cfg.epochs}: loss {m['loss']:.4f} "
-                  f"acc {m['accuracy']:.4f} val_loss {m['val_loss']:.4f} "
-                  f"val_acc {m['val_accuracy']:.4f} ({m['epoch_seconds']:.1f}s)", flush=True)
+            epoch_lines.put(f"[{cfg.run_name}] epoch {m['epoch']}/{cfg.epochs}: loss {m['loss']:.4f} "
+                            f"acc {m['accuracy']:.4f} val_loss {m['val_loss']:.4f} "
+                            f"val_acc {m['val_accuracy']:.4f} ({m['epoch_seconds']:.1f}s)")
 
     trainer = TensorflowTrainer(
         train_loop_per_worker,
@@ -106,17 +119,28 @@ def fit(cfg: JobConfig):
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max"),
-            worker_runtime_env={"env_vars": WORKER_ENV},
+            worker_runtime_env={"env_vars": JOB_ENV},
             callbacks=[EpochSummary()],
             logging_config=ray.train.LoggingConfig(log_level="ERROR"),
         ),
     )
+    printer = threading.Thread(target=print_until_none, args=(epoch_lines,), daemon=True)
+    printer.start()
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as e:
         failures = getattr(e, "worker_failures", {}) or {}
         first = next(iter(failures.values()), e)
-        raise JobError(f"training failed: {str(first).strip().splitlines()[-1]}") from None
+        raise JobError(f"training failed: {str(first).strip().splitlines()[-1]} (workers' full "
+                       f"logs: {RAY_LOGS} on their nodes)") from None
+    finally:
+        epoch_lines.put(None)
+        printer.join()
+
+
+def print_until_none(lines) -> None:
+    while (line := lines.get()) is not None:
+        print(line, flush=True)
 
 
 def best_checkpoint(result):
@@ -179,7 +203,7 @@ def run(cfg: JobConfig, prepare_data: bool = False) -> dict:
 def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float) -> dict:
     start_ray(cfg)
     print(f"[{cfg.run_name}] training {cfg.model} on {cfg.num_workers} worker(s), "
-          f"global batch {cfg.batch_size}, {cfg.epochs} epochs; checkpoints in "
+          f"global batch {cfg.batch_size}, {cfg.epochs} epoch(s); checkpoints in "
           f"{cfg.storage_path}/{cfg.run_name}", flush=True)
     try:
         result = fit(cfg)

@@ -24,27 +24,11 @@ from job import data as D
 from job.config import JobConfig
 from job.gpu import check_worker_gpus
 from job.model import build_model
+from job.workarounds import apply_in_worker
 
 STATE_FILE = "state.json"  # epoch, per-epoch history and restarts, beside the TF checkpoint
 PREFETCH_BATCHES = 2  # the next batch is ready while the current step runs
 WEIGHTS_PREFIX = "ckpt"  # tf.train.Checkpoint: weights + optimizer slots + step counter
-
-
-def keep_collectives_on_loopback() -> None:
-    """Point TF_CONFIG at 127.0.0.1 when this Ray node lives on loopback.
-
-    Ray Train gives TensorFlow each worker's address as seen from the machine's default route.
-    A node registered as 127.0.0.1 (local and test clusters) is only reachable from this machine,
-    so all its peers are here too: their collectives should stay on loopback.
-    """
-    node_id = ray.get_runtime_context().get_node_id()
-    node_ip = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
-    if node_ip != "127.0.0.1":
-        return
-    tf_config = json.loads(os.environ["TF_CONFIG"])
-    workers = tf_config["cluster"]["worker"]
-    tf_config["cluster"]["worker"] = [f"127.0.0.1:{w.rsplit(':', 1)[1]}" for w in workers]
-    os.environ["TF_CONFIG"] = json.dumps(tf_config)
 
 
 def make_strategy(cfg: JobConfig) -> tf.distribute.Strategy:
@@ -86,30 +70,6 @@ def distributed_dataset(strategy, cfg: JobConfig, manifest: dict, split: str, pa
         return ds.with_options(options).repeat(passes).prefetch(PREFETCH_BATCHES)
 
     return strategy.distribute_datasets_from_function(dataset_fn), steps
-
-
-def _per_device_datasets_without_autotune() -> None:
-    """Work around a TF 2.21 teardown stall in MultiWorkerMirroredStrategy's input iterators.
-
-    MWMS feeds each replica through a MultiDeviceIterator whose per-device datasets are built
-    inside TensorFlow with default options, so tf.data autotuning runs on them. Destroying such
-    an iterator (end of fit, end of each validation pass) joins its autotuner thread, which was
-    seen (gdb) still sleeping out its optimisation period - up to 60 s - after cancellation.
-    The per-device stage only forwards batches, so it has nothing to tune.
-    """
-    from tensorflow.python.data.ops import multi_device_iterator_ops as mdi
-
-    create = mdi._create_device_dataset
-    if getattr(create, "autotune_off", False):
-        return
-    options = tf.data.Options()
-    options.autotune.enabled = False
-
-    def create_without_autotune(*args, **kwargs):
-        return create(*args, **kwargs).with_options(options)
-
-    create_without_autotune.autotune_off = True
-    mdi._create_device_dataset = create_without_autotune
 
 
 def normalize(images, labels):
@@ -167,8 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     if cfg.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
-    keep_collectives_on_loopback()
-    _per_device_datasets_without_autotune()
+    apply_in_worker()  # job/workarounds.py: each with the TF/Ray behaviour it avoids
     strategy = make_strategy(cfg)
     manifest = D.load_manifest(cfg.data)
     resume_from = ray.train.get_checkpoint()
@@ -201,5 +160,5 @@ def train_loop_per_worker(config: dict) -> None:
         validation_data=val_ds,
         validation_steps=val_steps,
         callbacks=[ReportEachEpoch(checkpoint, state)],
-        verbose=2 if rank == 0 else 0,  # one line per epoch, from rank 0 only
+        verbose=0,  # the driver prints one line per epoch (driver.EpochSummary)
     )

@@ -30,7 +30,6 @@ def test_cluster_runs_the_pinned_ray_version_on_gpu_workers():
                CONFIG["head_start_ray_commands"][1:] + CONFIG["worker_start_ray_commands"][1:])
 
 
-def test_runtime_env_sets_legacy_keras_and_leaves_heavy_dirs_behind():
+def test_runtime_env_leaves_heavy_dirs_behind():
     env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
-    assert env["env_vars"]["TF_USE_LEGACY_KERAS"] == "1"
     assert {".venv/", "data/", "runs/"} <= set(env["excludes"])

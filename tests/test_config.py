@@ -1,11 +1,15 @@
+import dataclasses
 import json
 import os
+import re
 import time
+from pathlib import Path
 
 import pytest
 
 from job.cli import main
 from job.config import FAST_BATCH_PER_WORKER, FAST_EPOCHS, JobConfig, JobError, build_config, load_config_file
+from tests.conftest import REPO
 
 
 def test_defaults_are_the_reference_recipe():
@@ -118,3 +122,15 @@ def test_large_batch_recipe_is_a_preset_the_users_values_beat():
         build_config({}, {"data": "d", "recipe": "huge"})
     with pytest.raises(JobError, match="--warmup-epochs must be in"):
         build_config({}, {"data": "d", "warmup_epochs": 10, "epochs": 10})
+
+
+def test_readme_flag_table_lists_every_setting_with_its_default():
+    readme = Path(REPO, "README.md").read_text()
+    rows = dict(re.findall(r"^\| `--([a-z-]+)` \| ([^|]*) \|", readme, re.M))
+    fields = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(JobConfig)
+              if "help" in f.metadata}
+    assert set(rows) == set(fields) | {"config"}
+    for flag, default in fields.items():
+        if isinstance(default, int | float) and not isinstance(default, bool):
+            assert float(rows[flag]) == default, flag
+

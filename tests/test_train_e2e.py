@@ -56,6 +56,17 @@ def test_two_worker_run_writes_metrics_and_per_epoch_checkpoints(finished_run):
     assert result.stdout.count(f"[{metrics['run_name']}] epoch ") == 2
 
 
+def test_a_healthy_run_prints_only_the_jobs_own_lines(finished_run):
+    # No library start-up lines (TensorFlow's C++ chatter, Ray's actor warnings) on the console:
+    # a start line, one line per epoch, the promotion verdict, the result.
+    _, result = finished_run
+    job_line = re.compile(r"\[seed-w2-e2-\w+\] (training seed on 2 worker\(s\), .*|epoch [12]/2: .*|"
+                          r"promoted to .*|test accuracy .*)$")
+    lines = (result.stdout + result.stderr).splitlines()
+    assert [line for line in lines if not job_line.match(line)] == []
+    assert len(lines) == 5
+
+
 def test_per_class_accuracy_and_confusion_matrix_add_up(finished_run):
     tmp, _ = finished_run
     metrics = json.loads((tmp / "out" / "metrics.json").read_text())

@@ -1,0 +1,27 @@
+"""The environment every process of the job needs from its start: the one source of it.
+
+`python -m job` sets it in its own process before anything imports TensorFlow, and the driver
+hands it to every Ray worker (RunConfig.worker_runtime_env). Two copies exist for processes the
+job does not start itself, `cluster/runtime_env.yaml` (`ray job submit`) and the image's ENV
+(`k8s/image/Dockerfile`); tests/test_env.py checks that both say the same.
+"""
+
+from __future__ import annotations
+
+import os
+
+JOB_ENV = {
+    # tf.keras -> tf-keras, inside TensorFlow too (Keras 3 fails under MWMS with > 1 worker).
+    # TensorFlow reads it once, when it is imported: too late if set afterwards.
+    "TF_USE_LEGACY_KERAS": "1",
+    # TensorFlow's C++ INFO and WARNING lines (errors still show).
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    # Ray Train would route every print of a worker through its logger.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+
+
+def set_job_env() -> None:
+    """JOB_ENV in this process, without overriding what the user set."""
+    for name, value in JOB_ENV.items():
+        os.environ.setdefault(name, value)
