@@ -52,7 +52,7 @@ test: setup fashion-mnist-source
 	$(PY) -m pytest
 
 lint: setup
-	$(PY) -m ruff check job tests cluster bench
+	$(PY) -m ruff check job tests cluster bench k8s
 
 # A Ray cluster on this machine (loopback only, token auth): head + NODES worker nodes of 1 CPU.
 NODES   ?= 2
@@ -80,10 +80,10 @@ IMAGE ?= fashion-job:$(RAY_VERSION)-py311-tf-cuda
 image:
 	docker build -f k8s/image/Dockerfile --build-arg RAY_VERSION=$(RAY_VERSION) -t $(IMAGE) .
 
-# After editing k8s/job.toml or k8s/variants/rayjob-train-now.yaml: regenerate what embeds them.
+# After editing k8s/job.toml or k8s/variants/ray-job.train-now.yaml: regenerate what embeds them.
 # Cluster-specific values, set in every manifest at once: IMAGE (registry/name:tag of `make image`),
 # STORAGE_CLASS (an RWX class for the PVCs), OPERATOR_NAMESPACE (the KubeRay operator's namespace).
 k8s-render: setup
-	$(PY) cluster/render_k8s.py $(if $(filter command line,$(origin IMAGE)),--image $(IMAGE)) \
+	$(PY) k8s/render.py $(if $(filter command line,$(origin IMAGE)),--image $(IMAGE)) \
 	  $(if $(STORAGE_CLASS),--storage-class $(STORAGE_CLASS)) \
 	  $(if $(OPERATOR_NAMESPACE),--operator-namespace $(OPERATOR_NAMESPACE))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import re
 import shlex
 import tomllib
@@ -13,13 +14,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cluster import render_k8s
 from job.cli import make_parser
 from job.config import build_config
 from tests.conftest import pinned_ray_version
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
+_spec = importlib.util.spec_from_file_location("render", K8S / "render.py")  # k8s/ is no package
+render = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(render)
 CRDS = Path(__file__).parent / "schemas" / "kuberay-crds-v1.7.0"
 K8S_VERSIONS = ["1.29.0", "1.33.0"]  # oldest supported and a current release
 
@@ -104,8 +107,8 @@ def test_apply_order_and_namespace():
 
 
 def test_generated_manifests_are_up_to_date():
-    for path, text in render_k8s.rendered().items():
-        assert path.read_text() == text, f"{path} is stale: run python cluster/render_k8s.py"
+    for path, text in render.rendered().items():
+        assert path.read_text() == text, f"{path} is stale: run python k8s/render.py"
 
 
 @pytest.mark.parametrize("name,doc", [(n, d) for n, d in ALL if pod_specs(d)],
@@ -213,13 +216,13 @@ def test_volumes_are_shared_read_write_many():
 
 def test_one_image_one_storage_class_one_operator_namespace():
     """`make k8s-render IMAGE=... STORAGE_CLASS=... OPERATOR_NAMESPACE=...` sets each in one go."""
-    for setting in render_k8s.SETTINGS:
-        assert len(render_k8s.current(setting)) == 1, setting
+    for setting in render.SETTINGS:
+        assert len(render.current(setting)) == 1, setting
     images = {c["image"] for _, doc in ALL if doc["kind"] != "CronJob"
               for pod in pod_specs(doc) for c in pod["containers"]}
-    assert images == render_k8s.current("image")
+    assert images == render.current("image")
     claims = [d for _, d in APPLIED if d["kind"] == "PersistentVolumeClaim"]
-    assert {c["spec"]["storageClassName"] for c in claims} == render_k8s.current("storage_class")
+    assert {c["spec"]["storageClassName"] for c in claims} == render.current("storage_class")
 
 
 def test_only_the_operator_in_its_own_namespace_reaches_the_dashboard():
@@ -228,7 +231,7 @@ def test_only_the_operator_in_its_own_namespace_reaches_the_dashboard():
         for peer in rule["from"]:
             if "namespaceSelector" in peer:  # never "any namespace": pinned by name
                 name = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
-                assert {name} == render_k8s.current("operator_namespace")
+                assert {name} == render.current("operator_namespace")
                 assert peer["podSelector"]["matchLabels"] == {
                     "app.kubernetes.io/name": "kuberay-operator"}
                 assert rule["ports"] == [{"protocol": "TCP", "port": 8265}]

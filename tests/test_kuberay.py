@@ -115,7 +115,7 @@ def test_every_rayjob_in_k8s_gets_the_same_submitter_command():
     """The operator's submitter command is a function of the RayJob's spec: the CronJob's
     template, the variants/ RayJob and the RayCronJob's jobTemplate yield the same command, so
     running it once (the tests below) runs every one of them."""
-    assert set(RAYJOBS) == {"configmap:rayjob.yaml", "rayjob-train-now.yaml", "raycronjob.yaml"}
+    assert set(RAYJOBS) == {"configmap:rayjob.yaml", "ray-job.train-now.yaml", "ray-cronjob.nightly.yaml"}
     commands = {name: job_submit_command(spec, "head-svc:8265", "fashion-retrain-abcde-fghij")
                 for name, spec in RAYJOBS.items()}
     assert len(set(commands.values())) == 1, commands
