@@ -10,7 +10,7 @@ MODEL   ?= seed
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup data train-local gpu-check test lint fashion-mnist-source image k8s-render bench cluster-up cluster-down submit
+.PHONY: setup data train-local gpu-check test test-fast lint fashion-mnist-source image k8s-render bench cluster-up cluster-down submit
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,10 @@ gpu-check: data
 
 test: setup fashion-mnist-source
 	$(PY) -m pytest
+
+# The edit-run loop: unit and config tests, no Ray cluster or training run (< 1 min on 2 cores).
+test-fast: setup fashion-mnist-source
+	$(PY) -m pytest -m "not slow"
 
 lint: setup
 	$(PY) -m ruff check job tests cluster bench k8s
