@@ -1,0 +1,77 @@
+"""The programs `make bench` times that are not the job itself. bench/run.py runs each in a fresh
+process (its own TensorFlow thread pools, its own Ray):
+
+    python -m bench.programs plain-keras '{"data": "...", "threads": 2, "epochs": 3}'
+
+and reads the JSON line it prints last.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+from job import data as D
+from job.config import JobConfig
+from job.env import set_job_env
+
+
+def epoch_timer(seconds: list[float]):
+    """A Keras callback appending each epoch's seconds, measured as the job's ReportEachEpoch does."""
+    import tf_keras as keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds.append(time.perf_counter() - self.started)
+
+    return EpochTimer()
+
+
+def plain_keras(data: str, threads: int, epochs: int, batch_size: int = 64) -> dict:
+    """The baseline: the reference notebook's way to train. NumPy arrays into `model.fit`, one
+    process, no Ray, no strategy, no tf.data of our own; train + validation pass per epoch."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from job.model import build_model
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    keras.utils.set_random_seed(0)
+
+    def arrays(split):
+        images, labels = D.read_split(data, split)
+        return images.astype(np.float32) / 255.0, np.eye(D.NUM_CLASSES, dtype=np.float32)[labels]
+
+    seconds: list[float] = []
+    build_model("seed", 1e-3).fit(*arrays("train"), batch_size=batch_size, epochs=epochs,
+                                  validation_data=arrays("val"), verbose=0,
+                                  callbacks=[epoch_timer(seconds)])
+    return {"epoch_seconds": seconds}
+
+
+def ray_start() -> dict:
+    """Seconds for the job's own start of a private local Ray (driver.start_ray)."""
+    import ray
+
+    from job.driver import start_ray
+
+    started = time.perf_counter()
+    start_ray(JobConfig(data="-", num_workers=1))
+    seconds = time.perf_counter() - started
+    ray.shutdown()
+    return {"seconds": seconds}
+
+
+PROGRAMS = {"plain-keras": plain_keras, "ray-start": ray_start}
+
+if __name__ == "__main__":
+    set_job_env()
+    name, kwargs = sys.argv[1], json.loads(sys.argv[2] if len(sys.argv) > 2 else "{}")
+    print(json.dumps(PROGRAMS[name](**kwargs)))
