@@ -67,8 +67,9 @@ class JobConfig:
     max_failures: int = setting(0, "worker-group restarts from the last checkpoint (-1: no limit)")
     ray_address: str = setting("", "an existing Ray cluster (default $RAY_ADDRESS, else a "
                                    "private local Ray on 127.0.0.1)")
-    fast: bool = setting(False, f"fast path: bigger batches, scaled LR, {FAST_EPOCHS} epochs; on "
-                                "GPUs also float16, and XLA for one worker (flags given win)")
+    fast: bool = setting(False, f"fast path: on CPUs bigger batches, scaled LR, {FAST_EPOCHS} "
+                                "epochs; on GPUs the large-batch recipe, float16, and XLA for one "
+                                "worker (flags given win)")
     jit_compile: bool = setting(False, "XLA-compile the training step (one worker only)")
     mixed_precision: bool = setting(False, "float16 compute, float32 variables (needs --use-gpu)")
     promote_to: str = setting("", "models dir: make this run MODELS/current if it passes the "
@@ -147,12 +148,11 @@ FAST_PATH_ONE_GPU = {**FAST_PATH_GPU, "jit_compile": True}  # XLA: one worker on
 def fast_path_settings(chosen: dict) -> dict:
     """The fast path's settings, given the ones the user chose (which they do not override)."""
     workers = chosen.get("num_workers", DEFAULTS.num_workers)
+    if chosen.get("use_gpu", DEFAULTS.use_gpu):  # few, large steps keep GPUs busy
+        return {**RECIPES["large-batch"], **(FAST_PATH_ONE_GPU if workers == 1 else FAST_PATH_GPU)}
     batch_size = chosen.get("batch_size", FAST_BATCH_PER_WORKER * workers)
     lr = DEFAULTS.learning_rate * (batch_size / DEFAULTS.batch_size) ** 0.5
-    gpu = {}
-    if chosen.get("use_gpu", DEFAULTS.use_gpu):
-        gpu = FAST_PATH_ONE_GPU if workers == 1 else FAST_PATH_GPU
-    return {"batch_size": batch_size, "learning_rate": lr, "epochs": FAST_EPOCHS, **gpu}
+    return {"batch_size": batch_size, "learning_rate": lr, "epochs": FAST_EPOCHS}
 
 
 # Settings that define the trained model (and therefore the default run name).

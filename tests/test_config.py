@@ -91,9 +91,12 @@ def test_fast_path_on_cpu_is_a_bigger_batch_with_a_scaled_learning_rate():
     assert cfg.run_name != build_config({}, {"data": "d"}).run_name
 
 
-def test_fast_path_on_gpus_adds_float16_and_xla_only_for_one_worker():
+def test_fast_path_on_gpus_is_the_large_batch_recipe_with_float16_and_xla_only_for_one_worker():
     cfg = build_config({}, {"data": "d", "fast": True, "use_gpu": True, "num_workers": 4})
-    assert (cfg.batch_size, cfg.jit_compile, cfg.mixed_precision) == (FAST_BATCH_PER_WORKER * 4, False, True)
+    large_batch = build_config({}, {"data": "d", "recipe": "large-batch"})
+    assert (cfg.batch_size, cfg.learning_rate, cfg.lr_schedule, cfg.epochs) == (
+        large_batch.batch_size, large_batch.learning_rate, large_batch.lr_schedule, large_batch.epochs)
+    assert (cfg.jit_compile, cfg.mixed_precision) == (False, True)
     one = build_config({}, {"data": "d", "fast": True, "use_gpu": True, "num_workers": 1})
     assert (one.jit_compile, one.mixed_precision) == (True, True)
 
