@@ -53,7 +53,9 @@ class JobConfig:
                             "resume (default: derived from the training settings)")
     model: str = setting("seed", f"one of {', '.join(MODEL_NAMES)}; seed is the reference CNN")
     epochs: int = setting(10, "passes over the training set")
-    num_workers: int = setting(2, "Ray Train workers, one MWMS replica each")
+    num_workers: int = setting(2, "Ray Train workers, one MWMS replica each (the most, if elastic)")
+    min_workers: int = setting(0, "elastic: the fewest workers the run starts or goes on with after "
+                                  "losing a node (0: = --num-workers, a fixed size)")
     batch_size: int = setting(64, "GLOBAL batch, split evenly across the workers")
     learning_rate: float = setting(1e-3, "Adam's (peak) learning rate, as in the reference")
     lr_schedule: str = setting("constant", "constant or cosine (decay to 1 % over the run; "
@@ -70,6 +72,8 @@ class JobConfig:
     fast: bool = setting(False, f"fast path: on CPUs bigger batches, scaled LR, {FAST_EPOCHS} "
                                 "epochs; on GPUs the large-batch recipe, float16, and XLA for one "
                                 "worker (flags given win)")
+    steps_per_execution: int = setting(1, "training steps per call into TensorFlow's compiled "
+                                          "step: fewer Python round-trips and metric reductions")
     jit_compile: bool = setting(False, "XLA-compile the training step (one worker only)")
     mixed_precision: bool = setting(False, "float16 compute, float32 variables (needs --use-gpu)")
     promote_to: str = setting("", "models dir: make this run MODELS/current if it passes the "
@@ -83,12 +87,14 @@ class JobConfig:
             (self.epochs >= 1, f"--epochs must be >= 1 (got {self.epochs})"),
             (self.num_workers >= 1, f"--num-workers must be >= 1 (got {self.num_workers})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
-            (
-                self.num_workers < 1 or self.batch_size % self.num_workers == 0,
-                f"--batch-size {self.batch_size} (global) must divide evenly across "
-                f"--num-workers {self.num_workers}",
-            ),
+            (0 <= self.min_workers <= self.num_workers,
+             f"--min-workers {self.min_workers} must be in [1, --num-workers {self.num_workers}]"),
+            *((self.batch_size % w == 0, f"--batch-size {self.batch_size} (global) must divide "
+               f"evenly across {w} worker(s), a size the run may have")
+              for w in self.world_sizes if w >= 1),
             (self.learning_rate > 0, f"--learning-rate must be > 0 (got {self.learning_rate})"),
+            (self.steps_per_execution >= 1,
+             f"--steps-per-execution must be >= 1 (got {self.steps_per_execution})"),
             (self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})"),
             (self.max_failures >= -1, f"--max-failures must be >= -1 (got {self.max_failures})"),
             (not self.mixed_precision or self.use_gpu, "--mixed-precision needs --use-gpu"),
@@ -114,6 +120,11 @@ class JobConfig:
                 raise JobError(message)
         if self.extra:
             raise JobError(f"unknown config keys: {', '.join(sorted(self.extra))}")
+
+    @property
+    def world_sizes(self) -> range:
+        """The worker counts this run may train with (one, unless elastic)."""
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
 
     @property
     def run_name(self) -> str:

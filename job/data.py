@@ -212,21 +212,45 @@ def shard_files(manifest: dict, split: str, rank: int = 0, world: int = 1) -> li
     return names[rank::world]
 
 
+def check_partitions(data: str, manifest: dict, batch_size: int, world_sizes) -> None:
+    """The train shards are the fixed partitions every global step draws from equally, split
+    evenly across the workers (train.training_dataset): check both fit this dataset."""
+    partitions = len(manifest["splits"]["train"])
+    if batch_size % partitions:
+        raise JobError(f"--batch-size {batch_size} (global) must be a multiple of the {partitions} "
+                       f"train shards of {data}: every step takes as many images from each")
+    for world in world_sizes:
+        if partitions % world:
+            raise JobError(f"{world} worker(s) cannot share the {partitions} train shards of {data} "
+                           f"evenly: use worker counts that divide {partitions}, or rerun "
+                           f"prepare-data with --shards a multiple of {world}")
+
+
 def rows_per_rank(manifest: dict, split: str, world: int) -> list[int]:
     files = manifest["splits"][split]
     return [sum(files[n] for n in shard_files(manifest, split, r, world)) for r in range(world)]
 
 
-def read_split(data: str, split: str, manifest: dict | None = None, rank: int = 0,
-               world: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 28, 28, 1) uint8 and labels (N,) uint8 of this rank's shards, fully checked."""
+def read_partitions(data: str, split: str, manifest: dict | None = None, rank: int = 0,
+                    world: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(images (N, 28, 28, 1) uint8, labels (N,) uint8) of each shard of `split` that worker
+    `rank` of `world` owns, in shard order; every shard fully checked."""
     fs, root = resolve(data)
     manifest = manifest or _read_manifest(fs, root)
-    tables = [_read_shard(fs, f"{root}/{split}/{name}", manifest["splits"][split][name])
-              for name in shard_files(manifest, split, rank, world)]
-    table = pa.concat_tables(tables).combine_chunks()
-    images = table.column("image").chunk(0)
-    pixels = np.frombuffer(images.buffers()[1], dtype=np.uint8,
+    return [_arrays(_read_shard(fs, f"{root}/{split}/{name}", manifest["splits"][split][name]))
+            for name in shard_files(manifest, split, rank, world)]
+
+
+def read_split(data: str, split: str, manifest: dict | None = None, rank: int = 0,
+               world: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of this rank's shards of `split`, concatenated (see read_partitions)."""
+    images, labels = zip(*read_partitions(data, split, manifest, rank, world), strict=True)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    images = table.column("image").combine_chunks()
+    pixels = np.frombuffer(images.buffers()[1] or b"", dtype=np.uint8,
                            count=len(images) * IMAGE_BYTES, offset=images.offset * IMAGE_BYTES)
     labels = table.column("label").to_numpy()
     return pixels.reshape(-1, IMAGE_SIDE, IMAGE_SIDE, 1), labels

@@ -73,12 +73,13 @@ def start_ray(cfg: JobConfig) -> None:
     else:
         ray.init(address="local", include_dashboard=False, **quiet)
     have = ray.cluster_resources()
-    need = {"CPU": cfg.num_workers * cfg.cpus_per_worker}
+    fewest = cfg.world_sizes[0]
+    need = {"CPU": fewest * cfg.cpus_per_worker}
     if cfg.use_gpu:
-        need["GPU"] = cfg.num_workers
+        need["GPU"] = fewest
     for resource, amount in need.items():
         if have.get(resource, 0) < amount:
-            raise JobError(f"cannot place {cfg.num_workers} workers: they need {amount:g} "
+            raise JobError(f"cannot place {fewest} workers: they need {amount:g} "
                            f"{resource}, the Ray cluster has {have.get(resource, 0):g}")
 
 
@@ -99,10 +100,16 @@ def fit(cfg: JobConfig):
     epoch_lines = Queue(actor_options={"num_cpus": 0})  # 0: the workers may hold every CPU
 
     class EpochSummary(ray.train.UserCallback):
-        """One line per epoch, sent from Ray's train controller to the driver's console."""
+        """One line per epoch and per resize, sent from Ray's train controller to the driver."""
+
+        world_size = None  # of the epoch before
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0]
+            if self.world_size not in (None, m["world_size"]):
+                epoch_lines.put(f"[{cfg.run_name}] resized: {self.world_size} -> {m['world_size']} "
+                                f"worker(s) (elastic), from epoch {m['epoch']}")
+            self.world_size = m["world_size"]
             epoch_lines.put(f"[{cfg.run_name}] epoch {m['epoch']}/{cfg.epochs}: loss {m['loss']:.4f} "
                             f"acc {m['accuracy']:.4f} val_loss {m['val_loss']:.4f} "
                             f"val_acc {m['val_accuracy']:.4f} ({m['epoch_seconds']:.1f}s)")
@@ -111,7 +118,11 @@ def fit(cfg: JobConfig):
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            # (fewest, most) makes the worker group elastic: Ray starts with what it can place
+            # and, after losing workers, goes on with fewer from the last checkpoint.
+            num_workers=(cfg.world_sizes[0], cfg.num_workers) if len(cfg.world_sizes) > 1
+            else cfg.num_workers,
+            use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
@@ -195,14 +206,15 @@ def run(cfg: JobConfig, prepare_data: bool = False) -> dict:
         with data_lock(cfg.data):  # two first runs write the dataset once
             D.ensure_dataset(cfg.source or D.default_source(), cfg.data)
     manifest = D.validate_dataset(cfg.data)  # bad input fails before anything is written
-    D.shard_files(manifest, "train", 0, cfg.num_workers)  # enough shards for every worker
+    D.check_partitions(cfg.data, manifest, cfg.batch_size, cfg.world_sizes)
     with run_lock(cfg.storage_path, cfg.run_name):
         return train_and_evaluate(cfg, manifest, started)
 
 
 def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float) -> dict:
     start_ray(cfg)
-    print(f"[{cfg.run_name}] training {cfg.model} on {cfg.num_workers} worker(s), "
+    workers = "-".join(map(str, dict.fromkeys([cfg.world_sizes[0], cfg.num_workers])))
+    print(f"[{cfg.run_name}] training {cfg.model} on {workers} worker(s), "
           f"global batch {cfg.batch_size}, {cfg.epochs} epoch(s); checkpoints in "
           f"{cfg.storage_path}/{cfg.run_name}", flush=True)
     try:
@@ -216,6 +228,7 @@ def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float) -> dict:
     state = run_state(result)
     test = score(model, *D.read_split(cfg.data, "test", manifest))
     history = state["history"]
+    sizes = [h.get("world_size") for h in history]
     metrics = {
         "run_name": cfg.run_name,
         "test_accuracy": test["test_accuracy"],
@@ -231,6 +244,9 @@ def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float) -> dict:
         "global_batch_size": cfg.batch_size,
         "checkpoint": checkpoint.path,
         "epoch_seconds": [h["epoch_seconds"] for h in history],
+        "world_sizes": sizes,  # the workers that trained each epoch
+        "resizes": [{"epoch": h["epoch"], "from": a, "to": b}
+                    for h, a, b in zip(history[1:], sizes, sizes[1:], strict=False) if a != b],
         "restarts": len(state["starts"]) - 1,  # worker-group restarts and driver reruns
         "resumed_from_epochs": [s for s in state["starts"] if s > 0],
         "history": history,

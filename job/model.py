@@ -67,7 +67,7 @@ MODELS = {"seed": seed_cnn, "strong": strong_cnn}
 
 def build_model(name: str, learning_rate: float, steps_per_epoch: int = 0, epochs: int = 0,
                 jit_compile: bool = False, lr_schedule: str = "constant",
-                warmup_epochs: int = 0) -> keras.Model:
+                warmup_epochs: int = 0, steps_per_execution: int = 1) -> keras.Model:
     """Build and compile a model. Given the run's length (steps_per_epoch, epochs), the learning
     rate warms up linearly over `warmup_epochs`, then stays (constant) or decays to 1 % (cosine;
     always for "strong").
@@ -88,5 +88,6 @@ def build_model(name: str, learning_rate: float, steps_per_epoch: int = 0, epoch
         loss="categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
     )
     return model

@@ -16,6 +16,7 @@ import tempfile
 import time
 
 import absl.logging
+import numpy as np
 import ray.train
 import tensorflow as tf
 import tf_keras as keras
@@ -38,38 +39,72 @@ def make_strategy(cfg: JobConfig) -> tf.distribute.Strategy:
         communication_options=tf.distribute.experimental.CommunicationOptions(implementation=impl))
 
 
-def distributed_dataset(strategy, cfg: JobConfig, manifest: dict, split: str, passes: int = 1,
-                        training: bool = False):
-    """This worker's shards as a distributed dataset, and the steps every rank can take.
+def partition_order(seed: int, epoch: int, partition: int, rows: int, steps: int,
+                    micro: int) -> np.ndarray:
+    """Row indices of one partition for one epoch, (steps, micro): drawn from these alone."""
+    order = np.random.default_rng([seed, epoch, partition]).permutation(rows)
+    return order[: steps * micro].reshape(steps, micro)
 
-    Shards are assigned by input pipeline (= worker) index, so no two workers read the same
-    rows; auto-sharding is not used. Every rank must run the same number of steps (the
-    collectives would hang otherwise), so all ranks stop at the smallest rank's step count.
-    Keras keeps one iterator over a distributed dataset for the whole fit, so the training
-    set holds exactly `passes` epochs (an endless `.repeat()` would refill the shuffle buffer
-    after the last step for nothing).
+
+def training_dataset(strategy, cfg: JobConfig, manifest: dict, first_epoch: int):
+    """This worker's part of epochs first_epoch..cfg.epochs-1, and the steps per epoch.
+
+    The train shards are fixed partitions. Every global step takes the same micro-batch
+    (global batch / partitions) from every partition, in an order drawn from (seed, epoch,
+    partition) alone, and worker r of W reads partitions r, r+W, ... (no two workers read the
+    same rows). So the global batches are the same on any number of workers that divides the
+    partition count - runs differ only by floating-point summation order - and a run resumed
+    after any epoch sees what the uninterrupted run saw. Keras keeps one iterator for the whole
+    fit, so the dataset holds exactly the epochs left.
     """
+    names = sorted(manifest["splits"]["train"])
+    rows = [manifest["splits"]["train"][n] for n in names]
+    micro = cfg.batch_size // len(names)
+    steps = min(rows) // micro
+
+    def make(ctx: tf.distribute.InputContext):
+        parts = D.read_partitions(cfg.data, "train", manifest, ctx.input_pipeline_id,
+                                  ctx.num_input_pipelines)
+        owned = range(ctx.input_pipeline_id, len(names), ctx.num_input_pipelines)
+        offsets = np.cumsum([0] + [len(labels) for _, labels in parts])
+        batches = np.concatenate([  # (epochs left x steps, this worker's batch)
+            np.concatenate([offsets[i] + partition_order(cfg.seed, epoch, c, rows[c], steps, micro)
+                            for i, c in enumerate(owned)], axis=1)
+            for epoch in range(min(first_epoch, cfg.epochs - 1), cfg.epochs)])  # >= 1 epoch
+        replicas_here = strategy.num_replicas_in_sync // ctx.num_input_pipelines  # GPUs/worker
+        images, labels = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+        return (tf.data.Dataset.from_tensor_slices(batches.reshape(-1, batches.shape[1] // replicas_here))
+                .map(lambda rows: normalize(tf.gather(images, rows), tf.gather(labels, rows))))
+
+    return distribute(strategy, make), steps
+
+
+def validation_dataset(strategy, cfg: JobConfig, manifest: dict):
+    """This worker's validation shards, in order, and the steps every rank can take (the same
+    on all ranks: the collectives would hang otherwise)."""
     world = ray.train.get_context().get_world_size()
-    local_replicas = strategy.num_replicas_in_sync // world  # GPUs per worker (1 on CPU)
     per_replica = cfg.batch_size // strategy.num_replicas_in_sync
-    steps = min(D.rows_per_rank(manifest, split, world)) // (per_replica * local_replicas)
+    replicas_here = strategy.num_replicas_in_sync // world
+    steps = min(D.rows_per_rank(manifest, "val", world)) // (per_replica * replicas_here)
 
-    def dataset_fn(ctx: tf.distribute.InputContext):
-        images, labels = D.read_split(cfg.data, split, manifest, ctx.input_pipeline_id,
+    def make(ctx: tf.distribute.InputContext):
+        images, labels = D.read_split(cfg.data, "val", manifest, ctx.input_pipeline_id,
                                       ctx.num_input_pipelines)
-        ds = tf.data.Dataset.from_tensor_slices((images, labels))
-        if training:
-            ds = ds.shuffle(len(labels), seed=cfg.seed + ctx.input_pipeline_id,
-                            reshuffle_each_iteration=True)
-        ds = ds.batch(per_replica, drop_remainder=True).take(steps * local_replicas).map(normalize)
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        # No autotuning (and so no autotuner thread, see below): this in-memory pipeline
-        # costs < 1 % of a step.
-        options.autotune.enabled = False
-        return ds.with_options(options).repeat(passes).prefetch(PREFETCH_BATCHES)
+        return (tf.data.Dataset.from_tensor_slices((images, labels))
+                .batch(per_replica, drop_remainder=True).take(steps * replicas_here).map(normalize))
 
-    return strategy.distribute_datasets_from_function(dataset_fn), steps
+    return distribute(strategy, make), steps
+
+
+def distribute(strategy, make_dataset):
+    """A distributed dataset from each worker's own pipeline (no auto-sharding, see above)."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    # No autotuning (and so no autotuner thread, see workarounds.py): these in-memory pipelines
+    # cost < 1 % of a step.
+    options.autotune.enabled = False
+    return strategy.distribute_datasets_from_function(
+        lambda ctx: make_dataset(ctx).with_options(options).prefetch(PREFETCH_BATCHES))
 
 
 def normalize(images, labels):
@@ -96,7 +131,8 @@ class ReportEachEpoch(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         metrics = {k: float(v) for k, v in logs.items()}
         metrics.update(epoch=epoch + 1, epoch_seconds=time.perf_counter() - self.started,
-                       optimizer_steps=int(self.model.optimizer.iterations.numpy()))
+                       optimizer_steps=int(self.model.optimizer.iterations.numpy()),
+                       world_size=ray.train.get_context().get_world_size())
         self.state["epoch"] = epoch + 1
         self.state["history"].append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
@@ -137,16 +173,15 @@ def train_loop_per_worker(config: dict) -> None:
         ckpt_dir = stack.enter_context(resume_from.as_directory()) if resume_from else None
         state = load_state(ckpt_dir) if ckpt_dir else {"epoch": 0, "history": [], "starts": []}
         state["starts"].append(state["epoch"])
-        epochs_left = max(1, cfg.epochs - state["epoch"])
-        train_ds, train_steps = distributed_dataset(strategy, cfg, manifest, "train", epochs_left,
-                                                    training=True)
+        train_ds, train_steps = training_dataset(strategy, cfg, manifest, state["epoch"])
         # Keras makes a new iterator over the validation set for every epoch: one pass is enough.
-        val_ds, val_steps = distributed_dataset(strategy, cfg, manifest, "val")
+        val_ds, val_steps = validation_dataset(strategy, cfg, manifest)
 
         # Variables created inside the scope are mirrored on every replica and kept in sync.
         with strategy.scope():
             model = build_model(cfg.model, cfg.learning_rate, train_steps, cfg.epochs,
-                                cfg.jit_compile, cfg.lr_schedule, cfg.warmup_epochs)
+                                cfg.jit_compile, cfg.lr_schedule, cfg.warmup_epochs,
+                                cfg.steps_per_execution)
             model.optimizer.build(model.trainable_variables)  # slots exist before a restore
             checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
         if ckpt_dir:

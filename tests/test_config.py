@@ -22,7 +22,8 @@ def test_defaults_are_the_reference_recipe():
     ("epochs", 0, "--epochs must be >= 1"),
     ("epochs", -3, "--epochs must be >= 1"),
     ("num_workers", 0, "--num-workers must be >= 1"),
-    ("batch_size", 63, "must divide evenly across --num-workers 2"),
+    ("batch_size", 63, "must divide evenly across 2 worker"),
+    ("min_workers", 3, r"--min-workers 3 must be in \[1, --num-workers 2\]"),
     ("learning_rate", 0.0, "--learning-rate must be > 0"),
     ("model", "resnet", "--model must be one of"),
     ("max_failures", -2, "--max-failures must be >= -1"),
@@ -33,6 +34,12 @@ def test_defaults_are_the_reference_recipe():
 def test_bad_values_are_rejected_with_the_flag_named(field, value, message):
     with pytest.raises(JobError, match=message):
         JobConfig(data="d", **{field: value})
+
+
+def test_an_elastic_batch_must_divide_across_every_size_the_run_may_have():
+    assert list(JobConfig(data="d", num_workers=4, min_workers=2, batch_size=48).world_sizes) == [2, 3, 4]
+    with pytest.raises(JobError, match="must divide evenly across 3 worker"):
+        JobConfig(data="d", num_workers=4, min_workers=2, batch_size=64)
 
 
 def test_config_is_frozen():
@@ -135,5 +142,5 @@ def test_readme_flag_table_lists_every_setting_with_its_default():
     assert set(rows) == set(fields) | {"config"}
     for flag, default in fields.items():
         if isinstance(default, int | float) and not isinstance(default, bool):
-            assert float(rows[flag]) == default, flag
+            assert float(rows[flag].split()[0]) == default, flag
 
