@@ -213,22 +213,18 @@ def shard_files(manifest: dict, split: str, rank: int = 0, world: int = 1) -> li
 
 
 def check_partitions(data: str, manifest: dict, batch_size: int, world_sizes) -> None:
-    """The train shards are the fixed partitions every global step draws from equally, split
-    evenly across the workers (train.training_dataset): check both fit this dataset."""
-    partitions = len(manifest["splits"]["train"])
-    if batch_size % partitions:
-        raise JobError(f"--batch-size {batch_size} (global) must be a multiple of the {partitions} "
-                       f"train shards of {data}: every step takes as many images from each")
-    for world in world_sizes:
-        if partitions % world:
-            raise JobError(f"{world} worker(s) cannot share the {partitions} train shards of {data} "
-                           f"evenly: use worker counts that divide {partitions}, or rerun "
-                           f"prepare-data with --shards a multiple of {world}")
-
-
-def rows_per_rank(manifest: dict, split: str, world: int) -> list[int]:
-    files = manifest["splits"][split]
-    return [sum(files[n] for n in shard_files(manifest, split, r, world)) for r in range(world)]
+    """The shards of train and val are fixed partitions that every global step draws from
+    equally, split evenly across the workers (train.partitioned_dataset): check both fit."""
+    for split in ("train", "val"):
+        partitions = len(manifest["splits"][split])
+        if batch_size % partitions:
+            raise JobError(f"--batch-size {batch_size} (global) must be a multiple of the {partitions} "
+                           f"{split} shards of {data}: every step takes as many images from each")
+        for world in world_sizes:
+            if partitions % world:
+                raise JobError(f"{world} worker(s) cannot share the {partitions} {split} shards of "
+                               f"{data} evenly: use worker counts that divide {partitions}, or "
+                               f"rerun prepare-data with --shards a multiple of {world}")
 
 
 def read_partitions(data: str, split: str, manifest: dict | None = None, rank: int = 0,

@@ -39,38 +39,36 @@ def make_strategy(cfg: JobConfig) -> tf.distribute.Strategy:
         communication_options=tf.distribute.experimental.CommunicationOptions(implementation=impl))
 
 
-def partition_order(seed: int, epoch: int, partition: int, rows: int, steps: int,
-                    micro: int) -> np.ndarray:
-    """Row indices of one partition for one epoch, (steps, micro): drawn from these alone."""
-    order = np.random.default_rng([seed, epoch, partition]).permutation(rows)
-    return order[: steps * micro].reshape(steps, micro)
+def partitioned_dataset(strategy, cfg: JobConfig, manifest: dict, split: str, epochs: range | None):
+    """This worker's part of `split`, and the steps per epoch. `epochs`: the (0-based) epochs to
+    draw shuffled orders for; None: one pass in stored order (validation).
 
-
-def training_dataset(strategy, cfg: JobConfig, manifest: dict, first_epoch: int):
-    """This worker's part of epochs first_epoch..cfg.epochs-1, and the steps per epoch.
-
-    The train shards are fixed partitions. Every global step takes the same micro-batch
+    The shards of a split are fixed partitions. Every global step takes the same micro-batch
     (global batch / partitions) from every partition, in an order drawn from (seed, epoch,
     partition) alone, and worker r of W reads partitions r, r+W, ... (no two workers read the
     same rows). So the global batches are the same on any number of workers that divides the
     partition count - runs differ only by floating-point summation order - and a run resumed
     after any epoch sees what the uninterrupted run saw. Keras keeps one iterator for the whole
-    fit, so the dataset holds exactly the epochs left.
+    fit, so a training set holds exactly the epochs left.
     """
-    names = sorted(manifest["splits"]["train"])
-    rows = [manifest["splits"]["train"][n] for n in names]
+    names = sorted(manifest["splits"][split])
+    rows = [manifest["splits"][split][n] for n in names]
     micro = cfg.batch_size // len(names)
     steps = min(rows) // micro
 
+    def order(epoch: int | None, partition: int) -> np.ndarray:  # (steps, micro) row indices
+        drawn = (np.arange(rows[partition]) if epoch is None else
+                 np.random.default_rng([cfg.seed, epoch, partition]).permutation(rows[partition]))
+        return drawn[: steps * micro].reshape(steps, micro)
+
     def make(ctx: tf.distribute.InputContext):
-        parts = D.read_partitions(cfg.data, "train", manifest, ctx.input_pipeline_id,
+        parts = D.read_partitions(cfg.data, split, manifest, ctx.input_pipeline_id,
                                   ctx.num_input_pipelines)
         owned = range(ctx.input_pipeline_id, len(names), ctx.num_input_pipelines)
         offsets = np.cumsum([0] + [len(labels) for _, labels in parts])
-        batches = np.concatenate([  # (epochs left x steps, this worker's batch)
-            np.concatenate([offsets[i] + partition_order(cfg.seed, epoch, c, rows[c], steps, micro)
-                            for i, c in enumerate(owned)], axis=1)
-            for epoch in range(min(first_epoch, cfg.epochs - 1), cfg.epochs)])  # >= 1 epoch
+        batches = np.concatenate([  # (epochs x steps, this worker's batch)
+            np.concatenate([offsets[i] + order(epoch, c) for i, c in enumerate(owned)], axis=1)
+            for epoch in (epochs or [None])])
         replicas_here = strategy.num_replicas_in_sync // ctx.num_input_pipelines  # GPUs/worker
         images, labels = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
         return (tf.data.Dataset.from_tensor_slices(batches.reshape(-1, batches.shape[1] // replicas_here))
@@ -79,28 +77,11 @@ def training_dataset(strategy, cfg: JobConfig, manifest: dict, first_epoch: int)
     return distribute(strategy, make), steps
 
 
-def validation_dataset(strategy, cfg: JobConfig, manifest: dict):
-    """This worker's validation shards, in order, and the steps every rank can take (the same
-    on all ranks: the collectives would hang otherwise)."""
-    world = ray.train.get_context().get_world_size()
-    per_replica = cfg.batch_size // strategy.num_replicas_in_sync
-    replicas_here = strategy.num_replicas_in_sync // world
-    steps = min(D.rows_per_rank(manifest, "val", world)) // (per_replica * replicas_here)
-
-    def make(ctx: tf.distribute.InputContext):
-        images, labels = D.read_split(cfg.data, "val", manifest, ctx.input_pipeline_id,
-                                      ctx.num_input_pipelines)
-        return (tf.data.Dataset.from_tensor_slices((images, labels))
-                .batch(per_replica, drop_remainder=True).take(steps * replicas_here).map(normalize))
-
-    return distribute(strategy, make), steps
-
-
 def distribute(strategy, make_dataset):
     """A distributed dataset from each worker's own pipeline (no auto-sharding, see above)."""
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    # No autotuning (and so no autotuner thread, see workarounds.py): these in-memory pipelines
+    # No autotuning (and so no autotuner thread, see workarounds.py): the in-memory pipelines
     # cost < 1 % of a step.
     options.autotune.enabled = False
     return strategy.distribute_datasets_from_function(
@@ -173,9 +154,11 @@ def train_loop_per_worker(config: dict) -> None:
         ckpt_dir = stack.enter_context(resume_from.as_directory()) if resume_from else None
         state = load_state(ckpt_dir) if ckpt_dir else {"epoch": 0, "history": [], "starts": []}
         state["starts"].append(state["epoch"])
-        train_ds, train_steps = training_dataset(strategy, cfg, manifest, state["epoch"])
+        # At least one epoch, also when resuming a finished run (fit then trains nothing).
+        epochs_left = range(min(state["epoch"], cfg.epochs - 1), cfg.epochs)
+        train_ds, train_steps = partitioned_dataset(strategy, cfg, manifest, "train", epochs_left)
         # Keras makes a new iterator over the validation set for every epoch: one pass is enough.
-        val_ds, val_steps = validation_dataset(strategy, cfg, manifest)
+        val_ds, val_steps = partitioned_dataset(strategy, cfg, manifest, "val", None)
 
         # Variables created inside the scope are mirrored on every replica and kept in sync.
         with strategy.scope():

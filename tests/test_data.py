@@ -47,11 +47,23 @@ def test_each_worker_gets_its_own_shards_and_together_all_of_them(small_data):
     assert per_rank == [["part-00000.parquet", "part-00002.parquet"],
                         ["part-00001.parquet", "part-00003.parquet"]]
     parts = [D.read_split(small_data, "train", manifest, r, 2)[1] for r in range(2)]
-    assert sum(map(len, parts)) == 960 == sum(D.rows_per_rank(manifest, "train", 2))
+    assert sum(map(len, parts)) == 960
     whole = D.read_split(small_data, "train", manifest)[1]
     assert sorted(np.concatenate(parts)) == sorted(whole)
     with pytest.raises(JobError, match="fewer than 5 workers"):
         D.shard_files(manifest, "train", 0, 5)
+
+
+@pytest.mark.parametrize("batch,sizes,message", [
+    (66, [2], "--batch-size 66 .global. must be a multiple of the 4 train shards"),
+    (64, [3], "3 worker.s. cannot share the 4 train shards of .*: use worker counts that divide 4"),
+    (64, [1, 2, 3], "3 worker.s. cannot share"),
+])
+def test_workers_and_batch_must_fit_the_fixed_partitions(small_data, batch, sizes, message):
+    manifest = D.load_manifest(small_data)
+    D.check_partitions(small_data, manifest, 64, [1, 2, 4])
+    with pytest.raises(JobError, match=message):
+        D.check_partitions(small_data, manifest, batch, sizes)
 
 
 def test_prepare_data_is_idempotent_and_never_overwrites_another_dataset(source_dir, small_data):
