@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -40,6 +41,25 @@ def small_data(source_dir, tmp_path_factory) -> str:
 def data_copy(small_data, tmp_path) -> str:
     """A private copy of the small dataset that a test may damage."""
     return shutil.copytree(small_data, tmp_path / "data")
+
+
+INTERRUPTED_EPOCHS = 4  # runs that tests interrupt: long enough to be killed mid-run
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(small_data, tmp_path_factory) -> dict:
+    """metrics.json of the run the interrupted ones must reproduce: the same training settings
+    (2 workers, INTERRUPTED_EPOCHS), on a private local Ray, never interrupted."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    r = run_cli("train", "--data", small_data, "--epochs", str(INTERRUPTED_EPOCHS),
+                "--num-workers", "2", "--output", str(tmp / "out"), "--storage-path", str(tmp / "ckpt"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((tmp / "out" / "metrics.json").read_text())
+
+
+def same_model(a: dict, b: dict) -> bool:
+    """Two metrics.json files describe bit-identical models: the same test loss and accuracy."""
+    return (a["test_loss"], a["test_accuracy"]) == (b["test_loss"], b["test_accuracy"])
 
 
 def run_cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:

@@ -1,7 +1,8 @@
 """A real multi-node Ray cluster on this machine (loopback, token auth) and `ray job submit`.
 
 Worker nodes offer 1 CPU each; the head offers none, so training workers always run on the
-worker nodes, which these tests kill: one training worker process, or a whole node's raylet.
+worker nodes, which these tests kill: one training worker process, or whole nodes' raylets.
+Every interrupted run must end with the model of the same run uninterrupted.
 """
 
 from __future__ import annotations
@@ -9,26 +10,25 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ray_job
+from tests.conftest import INTERRUPTED_EPOCHS, RAY, ray_job, same_model
 
 pytestmark = pytest.mark.slow
 
 
-EPOCHS = 6  # long enough to be killed mid-run
-
-
-def submit(cluster, data, tmp, epochs=EPOCHS):
+def submit(cluster, data, tmp, *flags):
     job_id = f"fashion-{tmp.name}"
     r = ray_job(cluster, "submit", "--no-wait", "--submission-id", job_id, "--working-dir", ".",
                 "--runtime-env",
                 "cluster/runtime_env.yaml", "--", "python", "-m", "job", "train", "--data", data,
-                "--epochs", str(epochs), "--num-workers", "2", "--max-failures", "2",
-                "--output", str(tmp / "out"), "--storage-path", str(tmp / "ckpt"), "--name", "sub")
+                "--epochs", str(INTERRUPTED_EPOCHS), "--num-workers", "2", "--max-failures", "2",
+                "--output", str(tmp / "out"), "--storage-path", str(tmp / "ckpt"), "--name", "sub",
+                *flags)
     assert r.returncode == 0, r.stderr
     return job_id
 
@@ -85,10 +85,31 @@ def parent(pid: int) -> int:
 
 def check_recovered(tmp):
     metrics = json.loads((tmp / "out" / "metrics.json").read_text())
-    assert metrics["epochs_completed"] == EPOCHS
+    assert metrics["epochs_completed"] == INTERRUPTED_EPOCHS
     assert metrics["restarts"] >= 1 and metrics["resumed_from_epochs"], metrics
-    assert [h["epoch"] for h in metrics["history"]] == list(range(1, EPOCHS + 1))
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, INTERRUPTED_EPOCHS + 1))
     return metrics
+
+
+def raylets() -> dict[int, bytes]:
+    """pid -> command line of every raylet on this machine."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.split(b"\0")[0].endswith(b"/raylet"):
+            found[int(pid)] = cmdline
+    return found
+
+
+def add_worker_node(cluster):
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": cluster["token"]}
+    r = subprocess.run([RAY, "start", f"--address={cluster['gcs']}", "--node-ip-address=127.0.0.1",
+                        "--num-cpus=1", "--num-gpus=1", "--disable-usage-stats"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 def test_submission_without_or_with_a_wrong_token_is_refused(cluster, tmp_path):
@@ -102,20 +123,37 @@ def test_submission_without_or_with_a_wrong_token_is_refused(cluster, tmp_path):
     assert ray_job(cluster, "list").returncode == 0
 
 
-def test_job_survives_a_killed_training_worker(cluster, small_data, tmp_path):
+def test_a_killed_training_worker_changes_nothing(cluster, small_data, uninterrupted_run, tmp_path):
     job_id = submit(cluster, small_data, tmp_path)
     wait_for_first_checkpoint(cluster, job_id, tmp_path)
     victim = max(train_worker_pids())
     os.kill(victim, signal.SIGKILL)
     wait_until_done(cluster, job_id)
-    check_recovered(tmp_path)
+    metrics = check_recovered(tmp_path)
+    assert same_model(metrics, uninterrupted_run)  # deterministic resumption
 
 
-def test_job_survives_losing_a_worker_node(cluster, small_data, tmp_path):
-    job_id = submit(cluster, small_data, tmp_path)
+def test_an_elastic_run_goes_on_with_fewer_workers_after_losing_nodes(
+        cluster, small_data, uninterrupted_run, tmp_path):
+    # 2 workers on 2 of the 3 one-CPU worker nodes. Take the spare node and one worker's node
+    # away: with no capacity for a second worker left, the run must finish on one.
+    job_id = submit(cluster, small_data, tmp_path, "--min-workers", "1")
     wait_for_first_checkpoint(cluster, job_id, tmp_path)
-    raylet = parent(max(train_worker_pids()))
-    assert b"raylet" in Path(f"/proc/{raylet}/cmdline").read_bytes()
-    os.kill(raylet, signal.SIGKILL)  # the node and every process on it go away
-    wait_until_done(cluster, job_id)
-    check_recovered(tmp_path)
+    busy = {parent(pid) for pid in train_worker_pids()}
+    spare = [pid for pid, cmdline in raylets().items()
+             if pid not in busy and b"--head" not in cmdline and b"CPU,1" in cmdline]
+    try:
+        for raylet in [*spare, max(busy)]:
+            os.kill(raylet, signal.SIGKILL)  # the node and every process on it go away
+        wait_until_done(cluster, job_id)
+    finally:
+        for _ in range(len(spare)):  # what test_kuberay.py and test_gpu.py expect: 2 nodes
+            add_worker_node(cluster)
+    metrics = check_recovered(tmp_path)
+    assert metrics["world_sizes"][0] == 2 and metrics["world_sizes"][-1] == 1, metrics["world_sizes"]
+    assert metrics["resizes"] and metrics["resizes"][0]["to"] == 1
+    # The same global batches on 1 worker as on 2: only summation order differs.
+    assert abs(metrics["test_loss"] - uninterrupted_run["test_loss"]) <= 0.002
+    assert abs(metrics["test_accuracy"] - uninterrupted_run["test_accuracy"]) <= 0.002
+    logs = ray_job(cluster, "logs", job_id).stdout
+    assert "] resized: 2 -> 1 worker(s) (elastic)" in logs, logs[-3000:]

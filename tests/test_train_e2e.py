@@ -15,7 +15,7 @@ import time
 import pytest
 
 from job import data as D
-from tests.conftest import REPO, error_line, run_cli
+from tests.conftest import INTERRUPTED_EPOCHS, REPO, error_line, run_cli, same_model
 
 pytestmark = pytest.mark.slow
 
@@ -143,8 +143,9 @@ def test_a_wrong_cluster_address_fails_fast(small_data, tmp_path):
     assert error_line(r) == f"error: cannot reach the Ray cluster at 127.0.0.1:{port}: Connection refused"
 
 
-def test_interrupted_run_resumes_and_a_second_driver_is_refused(small_data, tmp_path):
-    args = train_args(small_data, tmp_path, "--epochs", "4", "--name", "resume-me")
+def test_interrupted_run_resumes_and_a_second_driver_is_refused(small_data, uninterrupted_run,
+                                                                tmp_path):
+    args = train_args(small_data, tmp_path, "--epochs", str(INTERRUPTED_EPOCHS), "--name", "resume-me")
     run_dir = tmp_path / "ckpt" / "resume-me"
     # Start a run, and kill it (driver, local Ray and workers) once Ray has registered the
     # checkpoint of epoch 1 (its snapshot file): a checkpoint dir alone may not be registered yet.
@@ -168,6 +169,21 @@ def test_interrupted_run_resumes_and_a_second_driver_is_refused(small_data, tmp_
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["epochs_completed"] == 4
-    assert len(metrics["resumed_from_epochs"]) == 1 and 1 <= metrics["resumed_from_epochs"][0] < 4
+    assert metrics["epochs_completed"] == INTERRUPTED_EPOCHS
+    assert len(metrics["resumed_from_epochs"]) == 1
+    assert 1 <= metrics["resumed_from_epochs"][0] < INTERRUPTED_EPOCHS
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
+    # Deterministic resumption: the model is the one the uninterrupted run trained.
+    assert same_model(metrics, uninterrupted_run)
+
+
+def test_one_worker_trains_what_two_workers_train(finished_run, small_data, tmp_path):
+    # Elastic determinism: the same global batches on any worker count that divides the
+    # partitions (4 shards here), so only floating-point summation order differs.
+    r = run_cli(*train_args(small_data, tmp_path, "--epochs", "2", "--num-workers", "1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    two = json.loads((finished_run[0] / "out" / "metrics.json").read_text())
+    assert (one["world_sizes"], two["world_sizes"]) == ([1, 1], [2, 2])
+    assert abs(one["test_loss"] - two["test_loss"]) <= 0.002
+    assert abs(one["test_accuracy"] - two["test_accuracy"]) <= 0.002
