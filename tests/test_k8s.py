@@ -187,7 +187,8 @@ def test_entrypoint_is_one_command_of_the_jobs_own_cli():
         assert cfg.use_gpu and cfg.run_name.startswith("retrain-") and "%" not in cfg.output
         assert cfg.promote_to and cfg.source, "the nightly run prepares its data and passes the gate"
         workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]
-        assert workers["replicas"] == workers["minReplicas"] == cfg.num_workers
+        assert workers["replicas"] == workers["maxReplicas"] == cfg.num_workers
+        assert workers["minReplicas"] == cfg.world_sizes[0]
         pod_cpus = workers["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]
         assert cfg.cpus_per_worker == quantity(pod_cpus), "TensorFlow gets all of its pod's CPUs"
     assert CONFIGMAP["data"]["job.toml"] == (K8S / "job.toml").read_text()
