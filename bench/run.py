@@ -41,6 +41,7 @@ TARGETS = [
 # Epoch-time ratios the speed group reports (numerator, denominator).
 RATIOS = [
     ("ray_1_worker", "plain_keras"),  # the job's own overhead
+    ("ray_1_worker_8_steps_per_call", "ray_1_worker"),  # of it, per-step Python and reductions
     ("ray_2_workers_64_each", "ray_1_worker"),  # 2 workers sharing the same cores
     ("default_job_fast", "default_job"),  # --fast per epoch
     ("ray_1_worker_xla", "ray_1_worker"),  # XLA on CPU
@@ -79,6 +80,8 @@ def speed(subset: str, full: str, cores: int) -> dict:
     half = str(max(1, cores // 2))
     runs = {  # name: the job's flags
         "ray_1_worker": ["--num-workers", "1", "--cpus-per-worker", str(cores)],
+        "ray_1_worker_8_steps_per_call": ["--num-workers", "1", "--cpus-per-worker", str(cores),
+                                          "--steps-per-execution", "8"],
         "ray_2_workers_64_each": ["--num-workers", "2", "--cpus-per-worker", half, "--batch-size", "128"],
         "default_job": ["--cpus-per-worker", half],
         "default_job_fast": ["--cpus-per-worker", half, "--fast"],

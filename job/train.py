@@ -124,6 +124,29 @@ class ReportEachEpoch(keras.callbacks.Callback):
             ray.train.report(metrics, checkpoint=to_report)
 
 
+class SeedRandomLayersEachEpoch(keras.callbacks.Callback):
+    """Dropout masks and flips (--model strong) drawn from (seed, epoch, layer) alone.
+
+    tf-keras does not checkpoint its layers' random generators (BaseRandomLayer turns dependency
+    tracking off), so a resumed run would draw other masks than the uninterrupted one; reseeding
+    every layer's generator at every epoch start makes them the same. Needs tf.random.Generator
+    based layers (keras.backend.experimental.enable_tf_random_generator, set before building).
+    """
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for index, layer in enumerate(self.model.layers):
+            rng = getattr(layer, "_random_generator", None)
+            if rng is None:
+                continue
+            rng._maybe_init()
+            state = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
+            rng._generator.reset_from_seed(int(state))
+
+
 def load_state(checkpoint_dir: str) -> dict:
     with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
         return json.load(f)
@@ -135,6 +158,7 @@ def train_loop_per_worker(config: dict) -> None:
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     keras.utils.set_random_seed(cfg.seed)
+    keras.backend.experimental.enable_tf_random_generator()  # see SeedRandomLayersEachEpoch
     tf.get_logger().setLevel("ERROR")  # no per-step collective INFO lines
     absl.logging.set_verbosity(absl.logging.ERROR)
     logging.getLogger().setLevel(logging.WARNING)  # Ray Train's INFO lines, e.g. each report
@@ -177,6 +201,6 @@ def train_loop_per_worker(config: dict) -> None:
         steps_per_epoch=train_steps,
         validation_data=val_ds,
         validation_steps=val_steps,
-        callbacks=[ReportEachEpoch(checkpoint, state)],
+        callbacks=[SeedRandomLayersEachEpoch(cfg.seed), ReportEachEpoch(checkpoint, state)],
         verbose=0,  # the driver prints one line per epoch (driver.EpochSummary)
     )
