@@ -86,6 +86,7 @@ def start_ray(cfg: JobConfig) -> None:
 def fit(cfg: JobConfig):
     import ray.train
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from job.workarounds import native_stderr_to
 
@@ -97,7 +98,10 @@ def fit(cfg: JobConfig):
 
         tf.config.list_physical_devices()
 
-    epoch_lines = Queue(actor_options={"num_cpus": 0})  # 0: the workers may hold every CPU
+    # On the driver's node, which lives as long as the run (not on a worker node that may go
+    # away); 0 CPUs: the workers may hold every CPU.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    epoch_lines = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
     class EpochSummary(ray.train.UserCallback):
         """One line per epoch and per resize, sent from Ray's train controller to the driver."""
