@@ -55,11 +55,11 @@ def program(name: str, **kwargs) -> dict:
 
 
 def job(data: str, *flags: str) -> dict:
-    """The job as its users run it (`python -m job train`); its metrics.json."""
+    """The job as its users run it (`python -m job train`, its console shown); its metrics.json."""
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "job", "train", "--data", data,
                         "--output", f"{tmp}/out", "--storage-path", f"{tmp}/ckpt", *flags],
-                       cwd=REPO, capture_output=True, text=True, check=True)
+                       cwd=REPO, check=True)
         return json.loads(Path(tmp, "out", "metrics.json").read_text())
 
 
