@@ -83,6 +83,22 @@ def test_cli_rejects_bad_epochs_in_one_line(capsys, small_data, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--num-workers", "2", "--min-workers", "3"], "--min-workers 3 must be in [1, --num-workers 2]"),
+    (["--num-workers", "3", "--batch-size", "48"],
+     "3 worker(s) cannot share the 4 train shards of {data} evenly: use worker counts that divide "
+     "4, or rerun prepare-data with --shards a multiple of 3"),
+    (["--num-workers", "4", "--min-workers", "3", "--batch-size", "64"],
+     "--batch-size 64 (global) must divide evenly across 3 worker(s), a size the run may have"),
+])
+def test_cli_refuses_worker_counts_the_partitions_cannot_serve(capsys, small_data, tmp_path, flags,
+                                                               message):
+    out = str(tmp_path / "o")
+    assert main(["train", "--data", small_data, "--output", out, *flags]) == 2
+    assert capsys.readouterr().err == f"error: {message.format(data=small_data)}\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_reports_a_missing_config_file(capsys):
     assert main(["train", "--config", "/nonexistent.toml"]) == 2
     assert "config file not found: /nonexistent.toml" in capsys.readouterr().err
