@@ -69,7 +69,28 @@ def ray_start() -> dict:
     return {"seconds": seconds}
 
 
-PROGRAMS = {"plain-keras": plain_keras, "ray-start": ray_start}
+def test_curve(data: str, run_dir: str, model: str = "seed") -> dict:
+    """Test accuracy of every epoch's checkpoint of a finished run (in epoch order)."""
+    import glob
+    import os
+
+    import tensorflow as tf
+
+    from job.driver import score
+    from job.model import build_model
+    from job.train import WEIGHTS_PREFIX, load_state
+
+    images, labels = D.read_split(data, "test")
+    curve = []
+    for checkpoint in filter(os.path.isdir, glob.glob(os.path.join(run_dir, "checkpoint_*"))):
+        net = build_model(model, 1e-3)
+        tf.train.Checkpoint(model=net).read(os.path.join(checkpoint, WEIGHTS_PREFIX)).expect_partial()
+        epoch = load_state(checkpoint)["epoch"]
+        curve.append({"epoch": epoch, "test_accuracy": score(net, images, labels)["test_accuracy"]})
+    return {"curve": sorted(curve, key=lambda point: point["epoch"])}
+
+
+PROGRAMS = {"plain-keras": plain_keras, "ray-start": ray_start, "test-curve": test_curve}
 
 if __name__ == "__main__":
     set_job_env()

@@ -54,13 +54,17 @@ def program(name: str, **kwargs) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def job(data: str, *flags: str) -> dict:
-    """The job as its users run it (`python -m job train`, its console shown); its metrics.json."""
+def job(data: str, *flags: str, test_curve: bool = False) -> dict:
+    """The job as its users run it (`python -m job train`, its console shown); its metrics.json,
+    with `test_curve`: plus every epoch's checkpoint scored on the test set."""
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "job", "train", "--data", data,
+        subprocess.run([sys.executable, "-m", "job", "train", "--data", data, "--name", "bench",
                         "--output", f"{tmp}/out", "--storage-path", f"{tmp}/ckpt", *flags],
                        cwd=REPO, check=True)
-        return json.loads(Path(tmp, "out", "metrics.json").read_text())
+        metrics = json.loads(Path(tmp, "out", "metrics.json").read_text())
+        if test_curve:
+            metrics["test_curve"] = program("test-curve", data=data, run_dir=f"{tmp}/ckpt/bench")["curve"]
+        return metrics
 
 
 def steady(epoch_seconds: list[float]) -> float:
@@ -104,17 +108,19 @@ def speed(subset: str, full: str, cores: int) -> dict:
 
 
 def time_to_accuracy(full: str, cores: int) -> dict:
-    """Training seconds (all epochs) of the default job and of `--fast`, as `make train-local`
-    runs them on the full data set; a run that ends below test accuracy 0.90 has no time."""
+    """Time to test accuracy 0.90 of the default job and of `--fast`, as `make train-local` runs
+    them on the full data set: the training seconds up to the first epoch whose checkpoint
+    scores >= 0.90 on the test set (MLPerf's time to quality); none if no epoch does."""
     result = {}
     for name, flags in {"default": [], "fast": ["--fast"]}.items():
         print(f"accuracy: {name} job, full data", flush=True)
-        metrics = job(full, "--cpus-per-worker", str(max(1, cores // 2)), *flags)
-        seconds = sum(metrics["epoch_seconds"])
+        metrics = job(full, "--cpus-per-worker", str(max(1, cores // 2)), *flags, test_curve=True)
+        reached = [p["epoch"] for p in metrics["test_curve"] if p["test_accuracy"] >= TARGET_ACCURACY]
         result[name] = {
             "test_accuracy": metrics["test_accuracy"], "epochs": metrics["epochs_completed"],
-            "optimizer_steps": metrics["optimizer_steps"], "training_seconds": seconds,
-            "time_to_0.90": seconds if metrics["test_accuracy"] >= TARGET_ACCURACY else None,
+            "optimizer_steps": metrics["optimizer_steps"], "test_curve": metrics["test_curve"],
+            "time_to_0.90": sum(metrics["epoch_seconds"][: reached[0]]) if reached else None,
+            "epochs_to_0.90": reached[0] if reached else None,
         }
     return result
 
