@@ -74,19 +74,18 @@ def test_curve(data: str, run_dir: str, model: str = "seed") -> dict:
     import glob
     import os
 
-    import tensorflow as tf
+    import ray.train
 
-    from job.driver import score
-    from job.model import build_model
-    from job.train import WEIGHTS_PREFIX, load_state
+    from job.driver import load_checkpoint_model, score
+    from job.train import load_state
 
     images, labels = D.read_split(data, "test")
+    cfg = JobConfig(data=data, model=model)
     curve = []
     for checkpoint in filter(os.path.isdir, glob.glob(os.path.join(run_dir, "checkpoint_*"))):
-        net = build_model(model, 1e-3)
-        tf.train.Checkpoint(model=net).read(os.path.join(checkpoint, WEIGHTS_PREFIX)).expect_partial()
-        epoch = load_state(checkpoint)["epoch"]
-        curve.append({"epoch": epoch, "test_accuracy": score(net, images, labels)["test_accuracy"]})
+        net = load_checkpoint_model(cfg, ray.train.Checkpoint.from_directory(checkpoint))
+        curve.append({"epoch": load_state(checkpoint)["epoch"],
+                      "test_accuracy": score(net, images, labels)["test_accuracy"]})
     return {"curve": sorted(curve, key=lambda point: point["epoch"])}
 
 
