@@ -134,7 +134,9 @@ def fit(cfg: JobConfig):
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max"),
-            worker_runtime_env={"env_vars": JOB_ENV},
+            # JOB_ENV as this process has it: a value the user set (e.g. to debug) reaches them too.
+            worker_runtime_env={"env_vars": {name: os.environ.get(name, value)
+                                             for name, value in JOB_ENV.items()}},
             callbacks=[EpochSummary()],
             logging_config=ray.train.LoggingConfig(log_level="ERROR"),
         ),
