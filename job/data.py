@@ -228,19 +228,23 @@ def check_partitions(data: str, manifest: dict, batch_size: int, world_sizes) ->
 
 
 def read_partitions(data: str, split: str, manifest: dict | None = None, rank: int = 0,
-                    world: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(images (N, 28, 28, 1) uint8, labels (N,) uint8) of each shard of `split` that worker
-    `rank` of `world` owns, in shard order; every shard fully checked."""
+                    world: int = 1) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{partition: (images (N, 28, 28, 1) uint8, labels (N,) uint8)} for each shard of `split`
+    that worker `rank` of `world` owns (shard_files), in shard order; a partition is the shard's
+    place among the split's shards. Every shard fully checked."""
     fs, root = resolve(data)
     manifest = manifest or _read_manifest(fs, root)
-    return [_arrays(_read_shard(fs, f"{root}/{split}/{name}", manifest["splits"][split][name]))
-            for name in shard_files(manifest, split, rank, world)]
+    names = sorted(manifest["splits"][split])
+    return {names.index(name): _arrays(_read_shard(fs, f"{root}/{split}/{name}",
+                                                   manifest["splits"][split][name]))
+            for name in shard_files(manifest, split, rank, world)}
 
 
 def read_split(data: str, split: str, manifest: dict | None = None, rank: int = 0,
                world: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of this rank's shards of `split`, concatenated (see read_partitions)."""
-    images, labels = zip(*read_partitions(data, split, manifest, rank, world), strict=True)
+    parts = read_partitions(data, split, manifest, rank, world).values()
+    images, labels = zip(*parts, strict=True)
     return np.concatenate(images), np.concatenate(labels)
 
 

@@ -64,13 +64,12 @@ def partitioned_dataset(strategy, cfg: JobConfig, manifest: dict, split: str, ep
     def make(ctx: tf.distribute.InputContext):
         parts = D.read_partitions(cfg.data, split, manifest, ctx.input_pipeline_id,
                                   ctx.num_input_pipelines)
-        owned = range(ctx.input_pipeline_id, len(names), ctx.num_input_pipelines)
-        offsets = np.cumsum([0] + [len(labels) for _, labels in parts])
+        offsets = np.cumsum([0] + [len(labels) for _, labels in parts.values()])
         batches = np.concatenate([  # (epochs x steps, this worker's batch)
-            np.concatenate([offsets[i] + order(epoch, c) for i, c in enumerate(owned)], axis=1)
+            np.concatenate([offsets[i] + order(epoch, p) for i, p in enumerate(parts)], axis=1)
             for epoch in (epochs or [None])])
         replicas_here = strategy.num_replicas_in_sync // ctx.num_input_pipelines  # GPUs/worker
-        images, labels = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+        images, labels = (np.concatenate(arrays) for arrays in zip(*parts.values(), strict=True))
         return (tf.data.Dataset.from_tensor_slices(batches.reshape(-1, batches.shape[1] // replicas_here))
                 .map(lambda rows: normalize(tf.gather(images, rows), tf.gather(labels, rows))))
 

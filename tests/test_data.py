@@ -46,6 +46,8 @@ def test_each_worker_gets_its_own_shards_and_together_all_of_them(small_data):
     per_rank = [D.shard_files(manifest, "train", r, 2) for r in range(2)]
     assert per_rank == [["part-00000.parquet", "part-00002.parquet"],
                         ["part-00001.parquet", "part-00003.parquet"]]
+    assert [list(D.read_partitions(small_data, "train", manifest, r, 2)) for r in range(2)] == [
+        [0, 2], [1, 3]]
     parts = [D.read_split(small_data, "train", manifest, r, 2)[1] for r in range(2)]
     assert sum(map(len, parts)) == 960
     whole = D.read_split(small_data, "train", manifest)[1]
