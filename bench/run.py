@@ -119,6 +119,7 @@ def time_to_accuracy(full: str, cores: int) -> dict:
         result[name] = {
             "test_accuracy": metrics["test_accuracy"], "epochs": metrics["epochs_completed"],
             "optimizer_steps": metrics["optimizer_steps"], "test_curve": metrics["test_curve"],
+            "training_seconds": sum(metrics["epoch_seconds"]),
             "time_to_0.90": sum(metrics["epoch_seconds"][: reached[0]]) if reached else None,
             "epochs_to_0.90": reached[0] if reached else None,
         }

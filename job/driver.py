@@ -19,7 +19,7 @@ import numpy as np
 
 from job import data as D
 from job.config import JobConfig, JobError
-from job.env import JOB_ENV
+from job.env import job_env
 from job.runlock import data_lock, run_lock
 
 METRICS_FILE = "metrics.json"
@@ -134,9 +134,8 @@ def fit(cfg: JobConfig):
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max"),
-            # JOB_ENV as this process has it: a value the user set (e.g. to debug) reaches them too.
-            worker_runtime_env={"env_vars": {name: os.environ.get(name, value)
-                                             for name, value in JOB_ENV.items()}},
+            # A value the user set (e.g. to debug) reaches the workers too.
+            worker_runtime_env={"env_vars": job_env()},
             callbacks=[EpochSummary()],
             logging_config=ray.train.LoggingConfig(log_level="ERROR"),
         ),

@@ -21,12 +21,16 @@ JOB_ENV = {
     # TensorFlow's BFC allocator for host memory, not its default pool (process_state.cc). Under
     # any tf.distribute strategy the default one hands each step's large buffers back to the OS
     # and gets fresh pages again: perf showed ~25 % of a CPU step in page faults and page
-    # zeroing, and a step took 1.8x as long as without a strategy (bench: ray_1_worker / plain).
+    # zeroing, and a step took 1.8x as long as without a strategy (README, Benchmark).
     "TF_CPU_ALLOCATOR_USE_BFC": "true",
 }
 
 
+def job_env() -> dict[str, str]:
+    """JOB_ENV, with any value the user set in this process's environment winning."""
+    return {name: os.environ.get(name, value) for name, value in JOB_ENV.items()}
+
+
 def set_job_env() -> None:
     """JOB_ENV in this process, without overriding what the user set."""
-    for name, value in JOB_ENV.items():
-        os.environ.setdefault(name, value)
+    os.environ.update(job_env())
