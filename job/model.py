@@ -14,12 +14,12 @@ from job.data import IMAGE_SIDE, NUM_CLASSES
 INPUT_SHAPE = (IMAGE_SIDE, IMAGE_SIDE, 1)
 
 
-def seed_cnn() -> keras.Model:
+def seed_cnn(sequential=keras.Sequential) -> keras.Model:
     """The reference notebook's CNN, layer for layer: 841,546 parameters.
 
     The softmax activation on the second convolution is unusual but is part of the reference.
     """
-    return keras.Sequential([
+    return sequential([
         keras.Input(INPUT_SHAPE),
         layers.Conv2D(32, 3, padding="same", activation="linear"),
         layers.LeakyReLU(alpha=0.1),
@@ -33,7 +33,7 @@ def seed_cnn() -> keras.Model:
     ], name="seed")
 
 
-def strong_cnn() -> keras.Model:
+def strong_cnn(sequential=keras.Sequential) -> keras.Model:
     """A stronger option: batch norm, ReLU, dropout, horizontal flips; cosine LR (build_model)."""
 
     def conv_block(filters):
@@ -48,7 +48,7 @@ def strong_cnn() -> keras.Model:
             layers.Dropout(0.25),
         ]
 
-    return keras.Sequential([
+    return sequential([
         keras.Input(INPUT_SHAPE),
         layers.RandomFlip("horizontal"),  # clothes are left-right symmetric; active in training only
         *conv_block(32),
@@ -67,15 +67,17 @@ MODELS = {"seed": seed_cnn, "strong": strong_cnn}
 
 def build_model(name: str, learning_rate: float, steps_per_epoch: int = 0, epochs: int = 0,
                 jit_compile: bool = False, lr_schedule: str = "constant",
-                warmup_epochs: int = 0, steps_per_execution: int = 1) -> keras.Model:
+                warmup_epochs: int = 0, steps_per_execution: int = 1,
+                sequential=keras.Sequential) -> keras.Model:
     """Build and compile a model. Given the run's length (steps_per_epoch, epochs), the learning
     rate warms up linearly over `warmup_epochs`, then stays (constant) or decays to 1 % (cosine;
     always for "strong").
 
+    `sequential`: the model class (train.py passes its own, whose steps skip collectives).
     Under a mixed_float16 policy the layers compute in float16; the output layer stays float32
     so the softmax and the loss are computed in full precision.
     """
-    model = MODELS[name]()
+    model = MODELS[name](sequential)
     cosine = lr_schedule == "cosine" or name == "strong"
     if steps_per_epoch and epochs and (warmup_epochs or cosine):
         warmup = steps_per_epoch * warmup_epochs

@@ -35,8 +35,13 @@ WEIGHTS_PREFIX = "ckpt"  # tf.train.Checkpoint: weights + optimizer slots + step
 def make_strategy(cfg: JobConfig) -> tf.distribute.Strategy:
     impl = (tf.distribute.experimental.CommunicationImplementation.NCCL if cfg.use_gpu
             else tf.distribute.experimental.CommunicationImplementation.RING)
-    return tf.distribute.MultiWorkerMirroredStrategy(
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
         communication_options=tf.distribute.experimental.CommunicationOptions(implementation=impl))
+    # MWMS turns this on so that workers with unequal data stop together: every `get_next` then
+    # all-reduces a has-value flag across workers (input_lib.py), one collective per step. Here
+    # every worker yields the same number of steps by construction (partitioned_dataset).
+    strategy.extended.experimental_enable_get_next_as_optional = False
+    return strategy
 
 
 def partitioned_dataset(strategy, cfg: JobConfig, manifest: dict, split: str, epochs: range | None):
@@ -90,6 +95,23 @@ def distribute(strategy, make_dataset):
 def normalize(images, labels):
     """Pixels /255 with the channel dim kept; one-hot labels (as the reference does)."""
     return tf.cast(images, tf.float32) / 255.0, tf.one_hot(tf.cast(labels, tf.int32), D.NUM_CLASSES)
+
+
+class ReplicaLocalMetrics(keras.Sequential):
+    """A Sequential whose train and test steps return this replica's running loss and accuracy.
+
+    tf-keras' steps return `metric.result()`, which in a replica context all-reduces each
+    metric's total and count across workers (metrics_utils.result_wrapper): 4 collectives a
+    step, each a round trip, on top of the gradients' one. Here a step only updates its
+    replica's metric variables (ON_READ: local until read across replicas) and returns their
+    local ratio, which is what progress lines show. At the end of each epoch and validation
+    pass `fit` replaces the step's logs with `get_metrics_result()`, read outside any replica:
+    the all-worker totals, once per epoch, so epoch logs are the exact all-worker figures.
+    """
+
+    def compute_metrics(self, x, y, y_pred, sample_weight):
+        self.compiled_metrics.update_state(y, y_pred, sample_weight)
+        return {m.name: tf.math.divide_no_nan(m.total, m.count) for m in self.metrics}
 
 
 class ReportEachEpoch(keras.callbacks.Callback):
@@ -187,7 +209,10 @@ def train_loop_per_worker(config: dict) -> None:
         with strategy.scope():
             model = build_model(cfg.model, cfg.learning_rate, train_steps, cfg.epochs,
                                 cfg.jit_compile, cfg.lr_schedule, cfg.warmup_epochs,
-                                cfg.steps_per_execution)
+                                cfg.steps_per_execution, sequential=ReplicaLocalMetrics)
+            # The step outputs are replica-local (ReplicaLocalMetrics): take this worker's first
+            # replica's, where tf-keras' "auto" sums them across workers, one collective each.
+            model.distribute_reduction_method = "first"
             model.optimizer.build(model.trainable_variables)  # slots exist before a restore
             checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
         if ckpt_dir:
