@@ -41,7 +41,7 @@ train-local: data
 
 # Epoch times (plain Keras vs Ray 1/2 workers vs fast path), data read, Ray start-up -> bench/results.json
 bench: setup fashion-mnist-source
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(if $(CHECK),--check)
 
 # On a machine with NVIDIA GPUs: what TensorFlow sees, short real runs per recipe, one table.
 gpu-check: data

@@ -9,6 +9,7 @@ and reads the JSON line it prints last.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -19,9 +20,8 @@ from job.config import JobConfig
 from job.env import set_job_env
 
 
-def epoch_timer(seconds: list[float]):
+def epoch_timer(keras, seconds: list[float]):
     """A Keras callback appending each epoch's seconds, measured as the job's ReportEachEpoch does."""
-    import tf_keras as keras
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -33,14 +33,19 @@ def epoch_timer(seconds: list[float]):
     return EpochTimer()
 
 
-def plain_keras(data: str, threads: int, epochs: int, batch_size: int = 64) -> dict:
+def plain_keras(data: str, threads: int, epochs: int, lib: str = "tf_keras", test: bool = False,
+                batch_size: int = 64) -> dict:
     """The baseline: the reference notebook's way to train. NumPy arrays into `model.fit`, one
-    process, no Ray, no strategy, no tf.data of our own; train + validation pass per epoch."""
+    process, no Ray, no strategy, no tf.data of our own; train + validation pass per epoch, then
+    (`test`) the test set scored. `lib`: tf_keras (the job's Keras) or keras (Keras 3, the
+    notebook's); the same seed CNN and Adam either way."""
+    import importlib
+
     import tensorflow as tf
-    import tf_keras as keras
 
-    from job.model import build_model
+    from job.model import seed_cnn
 
+    keras = importlib.import_module(lib)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     keras.utils.set_random_seed(0)
@@ -49,11 +54,16 @@ def plain_keras(data: str, threads: int, epochs: int, batch_size: int = 64) -> d
         images, labels = D.read_split(data, split)
         return images.astype(np.float32) / 255.0, np.eye(D.NUM_CLASSES, dtype=np.float32)[labels]
 
+    model = seed_cnn(keras.Sequential, keras)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
+                  metrics=["accuracy"])
     seconds: list[float] = []
-    build_model("seed", 1e-3).fit(*arrays("train"), batch_size=batch_size, epochs=epochs,
-                                  validation_data=arrays("val"), verbose=0,
-                                  callbacks=[epoch_timer(seconds)])
-    return {"epoch_seconds": seconds}
+    model.fit(*arrays("train"), batch_size=batch_size, epochs=epochs, validation_data=arrays("val"),
+              verbose=0, callbacks=[epoch_timer(keras, seconds)])
+    result = {"epoch_seconds": seconds}
+    if test:
+        result["test_accuracy"] = model.evaluate(*arrays("test"), batch_size=1000, verbose=0)[1]
+    return result
 
 
 def ray_start() -> dict:
@@ -95,4 +105,6 @@ if __name__ == "__main__":
     name, kwargs = sys.argv[1], json.loads(sys.argv[2] if len(sys.argv) > 2 else "{}")
     if name != "plain-keras":  # the baseline runs as the notebook does: TensorFlow's defaults
         set_job_env()
+    elif kwargs.get("lib") == "keras":  # Keras 3, which tf_keras' setting would replace
+        os.environ.pop("TF_USE_LEGACY_KERAS", None)
     print(json.dumps(PROGRAMS[name](**kwargs)))

@@ -73,10 +73,12 @@ class JobConfig:
     fast: bool = setting(False, f"fast path: on CPUs bigger batches, scaled LR, {FAST_EPOCHS} "
                                 "epochs; on GPUs the large-batch recipe, float16, and XLA for one "
                                 "worker (flags given win)")
-    steps_per_execution: int = setting(1, "training steps per call into TensorFlow's compiled "
-                                          "step: fewer Python round-trips and metric reductions")
+    steps_per_execution: int = setting(8, "training steps per call into TensorFlow's compiled "
+                                          "function: fewer Python round-trips (same model)")
     jit_compile: bool = setting(False, "XLA-compile the training step (one worker only)")
     mixed_precision: bool = setting(False, "float16 compute, float32 variables (needs --use-gpu)")
+    progress_seconds: float = setting(30.0, "progress inside an epoch: a live line on a "
+                                            "terminal, else a line at most this often (0: off)")
     promote_to: str = setting("", "models dir: make this run MODELS/current if it passes the "
                                   "checks below")
     min_accuracy: float = setting(0.90, "promotion floor on test accuracy")
@@ -97,6 +99,8 @@ class JobConfig:
             (self.steps_per_execution >= 1,
              f"--steps-per-execution must be >= 1 (got {self.steps_per_execution})"),
             (self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})"),
+            (self.progress_seconds >= 0,
+             f"--progress-seconds must be >= 0 (got {self.progress_seconds})"),
             (self.max_failures >= -1, f"--max-failures must be >= -1 (got {self.max_failures})"),
             (not self.mixed_precision or self.use_gpu, "--mixed-precision needs --use-gpu"),
             # tf-keras XLA-compiles the whole step, all-reduce included, and XLA cannot compile

@@ -88,6 +88,7 @@ def fit(cfg: JobConfig):
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from job.console import Console, progress_interval
     from job.workarounds import native_stderr_to
 
     with native_stderr_to(DRIVER_TF_LOG):  # TensorFlow's import and device discovery
@@ -120,7 +121,9 @@ def fit(cfg: JobConfig):
 
     trainer = TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
+        # Rank 0 sends its progress inside each epoch to the same queue (job/console.py).
+        train_loop_config={**cfg.to_dict(), "progress": (epoch_lines, progress_interval(
+            cfg.progress_seconds))},
         scaling_config=ray.train.ScalingConfig(
             # (fewest, most) makes the worker group elastic: Ray starts with what it can place
             # and, after losing workers, goes on with fewer from the last checkpoint.
@@ -140,7 +143,8 @@ def fit(cfg: JobConfig):
             logging_config=ray.train.LoggingConfig(log_level="ERROR"),
         ),
     )
-    printer = threading.Thread(target=print_until_none, args=(epoch_lines,), daemon=True)
+    printer = threading.Thread(target=Console(cfg.run_name).print_until_none, args=(epoch_lines,),
+                               daemon=True)
     printer.start()
     try:
         return trainer.fit()
@@ -152,11 +156,6 @@ def fit(cfg: JobConfig):
     finally:
         epoch_lines.put(None)
         printer.join()
-
-
-def print_until_none(lines) -> None:
-    while (line := lines.get()) is not None:
-        print(line, flush=True)
 
 
 def best_checkpoint(result):

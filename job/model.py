@@ -14,22 +14,23 @@ from job.data import IMAGE_SIDE, NUM_CLASSES
 INPUT_SHAPE = (IMAGE_SIDE, IMAGE_SIDE, 1)
 
 
-def seed_cnn(sequential=keras.Sequential) -> keras.Model:
-    """The reference notebook's CNN, layer for layer: 841,546 parameters.
+def seed_cnn(sequential=keras.Sequential, lib=keras) -> keras.Model:
+    """The reference notebook's CNN, layer for layer: 841,546 parameters. `lib`: tf_keras, or
+    Keras 3 for `make bench`'s baseline (the notebook's own Keras).
 
     The softmax activation on the second convolution is unusual but is part of the reference.
     """
     return sequential([
-        keras.Input(INPUT_SHAPE),
-        layers.Conv2D(32, 3, padding="same", activation="linear"),
-        layers.LeakyReLU(alpha=0.1),
-        layers.MaxPooling2D(2, padding="same"),
-        layers.Conv2D(128, 3, padding="same", activation="softmax"),
-        layers.LeakyReLU(alpha=0.1),
-        layers.MaxPooling2D(2, padding="same"),
-        layers.Flatten(),
-        layers.Dense(128, activation="linear"),
-        layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
+        lib.Input(INPUT_SHAPE),
+        lib.layers.Conv2D(32, 3, padding="same", activation="linear"),
+        lib.layers.LeakyReLU(0.1),  # alpha (tf-keras) or negative_slope (Keras 3)
+        lib.layers.MaxPooling2D(2, padding="same"),
+        lib.layers.Conv2D(128, 3, padding="same", activation="softmax"),
+        lib.layers.LeakyReLU(0.1),
+        lib.layers.MaxPooling2D(2, padding="same"),
+        lib.layers.Flatten(),
+        lib.layers.Dense(128, activation="linear"),
+        lib.layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
     ], name="seed")
 
 

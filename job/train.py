@@ -23,6 +23,7 @@ import tf_keras as keras
 
 from job import data as D
 from job.config import JobConfig
+from job.console import Progress
 from job.gpu import check_worker_gpus
 from job.model import build_model
 from job.workarounds import apply_in_worker
@@ -145,6 +146,30 @@ class ReportEachEpoch(keras.callbacks.Callback):
             ray.train.report(metrics, checkpoint=to_report)
 
 
+class ProgressToDriver(keras.callbacks.Callback):
+    """Rank 0's step count, loss and accuracy, put on the driver's queue at most every `every`
+    seconds. The logs are its own replica's (ReplicaLocalMetrics), and it reads them only when it
+    sends: no worker waits for another, and the other steps pay nothing."""
+
+    def __init__(self, queue, every: float, epochs: int, steps: int):
+        super().__init__()
+        self._supports_tf_logs = True  # Keras hands over the step's tensors, unread
+        self.queue, self.every, self.epochs, self.steps = queue, every, epochs, steps
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch, self.started = epoch + 1, time.perf_counter()
+        self.sent = self.started
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if now - self.sent < self.every or batch + 1 >= self.steps:  # the summary line follows
+            return
+        self.sent = now
+        self.queue.put_nowait(Progress(self.epoch, self.epochs, batch + 1, self.steps,
+                                       float(logs["loss"]), float(logs["accuracy"]),
+                                       now - self.started))
+
+
 class SeedRandomLayersEachEpoch(keras.callbacks.Callback):
     """Dropout masks and flips (--model strong) drawn from (seed, epoch, layer) alone.
 
@@ -174,6 +199,7 @@ def load_state(checkpoint_dir: str) -> dict:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    progress_queue, progress_every = config.pop("progress", (None, 0))
     cfg = JobConfig(**config)
     threads = cfg.cpus_per_worker  # Ray sets OMP_NUM_THREADS=1, but TF's own pools take every core
     tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -225,6 +251,8 @@ def train_loop_per_worker(config: dict) -> None:
         steps_per_epoch=train_steps,
         validation_data=val_ds,
         validation_steps=val_steps,
-        callbacks=[SeedRandomLayersEachEpoch(cfg.seed), ReportEachEpoch(checkpoint, state)],
+        callbacks=[SeedRandomLayersEachEpoch(cfg.seed), ReportEachEpoch(checkpoint, state),
+                   *([ProgressToDriver(progress_queue, progress_every, cfg.epochs, train_steps)]
+                     if progress_every and rank == 0 else [])],
         verbose=0,  # the driver prints one line per epoch (driver.EpochSummary)
     )

@@ -1,0 +1,91 @@
+"""What the driver prints while a run trains: the job's own lines, and progress inside each epoch.
+
+Rank 0 sends its running step count, loss and accuracy (train.ProgressToDriver) through a Ray
+queue on the driver's node; the driver prints them here:
+
+- on a terminal, one live line per epoch, redrawn in place (tqdm) and replaced by the epoch's
+  summary line;
+- elsewhere (`ray job logs`, pod logs, CI), a plain line per message, which rank 0 sends at most
+  every `--progress-seconds`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+LIVE_SECONDS = 0.5  # how often rank 0 sends progress for a live terminal line
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Rank 0's position inside an epoch: its own replica's running loss and accuracy."""
+
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+    accuracy: float
+    seconds: float  # since the epoch began
+
+    def line(self, run_name: str) -> str:
+        eta = self.seconds * (self.steps - self.step) / max(self.step, 1)
+        return (f"[{run_name}] epoch {self.epoch}/{self.epochs}: {self.step}/{self.steps} steps, "
+                f"loss {self.loss:.4f} acc {self.accuracy:.4f} ({self.seconds:.0f}s, ETA {eta:.0f}s)")
+
+
+def is_live(stream) -> bool:
+    """A terminal with a width: a live line can be redrawn there (a 0-column pty cannot)."""
+    try:
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def progress_interval(progress_seconds: float, stream=None) -> float:
+    """How often rank 0 should send progress (0: never)."""
+    if not progress_seconds:
+        return 0.0
+    return LIVE_SECONDS if is_live(stream or sys.stdout) else progress_seconds
+
+
+class Console:
+    """Prints the job's lines and progress messages, in the order they arrive."""
+
+    def __init__(self, run_name: str, stream=None):
+        self.run_name, self.stream = run_name, stream or sys.stdout
+        self.live = is_live(self.stream)
+        self.bar = None  # the live line of the epoch in progress (terminal only)
+
+    def show(self, message) -> None:
+        if isinstance(message, Progress):
+            self.progress(message)
+        else:
+            self.close_bar()
+            print(message, file=self.stream, flush=True)
+
+    def progress(self, p: Progress) -> None:
+        if not self.live:
+            print(p.line(self.run_name), file=self.stream, flush=True)
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or self.bar.epoch != p.epoch:
+            self.close_bar()
+            self.bar = tqdm(total=p.steps, desc=f"[{self.run_name}] epoch {p.epoch}/{p.epochs}",
+                            unit="step", leave=False, file=self.stream, dynamic_ncols=True)
+            self.bar.epoch = p.epoch
+        self.bar.set_postfix_str(f"loss {p.loss:.4f} acc {p.accuracy:.4f}", refresh=False)
+        self.bar.update(p.step - self.bar.n)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()  # leave=False: the line is cleared, the summary line takes its place
+            self.bar = None
+
+    def print_until_none(self, queue) -> None:
+        while (message := queue.get()) is not None:
+            self.show(message)
+        self.close_bar()
