@@ -75,7 +75,8 @@ class Console:
         if self.bar is None or self.bar.epoch != p.epoch:
             self.close_bar()
             self.bar = tqdm(total=p.steps, desc=f"[{self.run_name}] epoch {p.epoch}/{p.epochs}",
-                            unit="step", leave=False, file=self.stream, dynamic_ncols=True)
+                            unit="step", leave=False, file=self.stream, dynamic_ncols=True,
+                            mininterval=0)  # rank 0 already sends at most every LIVE_SECONDS
             self.bar.epoch = p.epoch
         self.bar.set_postfix_str(f"loss {p.loss:.4f} acc {p.accuracy:.4f}", refresh=False)
         self.bar.update(p.step - self.bar.n)

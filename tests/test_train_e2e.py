@@ -29,7 +29,8 @@ def train_args(data, tmp, *extra):
 def finished_run(small_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     result = run_cli(*train_args(small_data, tmp, "--epochs", "2", "--num-workers", "2",
-                                 "--promote-to", str(tmp / "models"), "--min-accuracy", "0.1"))
+                                 "--promote-to", str(tmp / "models"), "--min-accuracy", "0.1",
+                                 "--progress-seconds", "0.01"))
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp, result
 
@@ -58,13 +59,52 @@ def test_two_worker_run_writes_metrics_and_per_epoch_checkpoints(finished_run):
 
 def test_a_healthy_run_prints_only_the_jobs_own_lines(finished_run):
     # No library start-up lines (TensorFlow's C++ chatter, Ray's actor warnings) on the console:
-    # a start line, one line per epoch, the promotion verdict, the result.
+    # a start line, progress lines, one line per epoch, the promotion verdict, the result.
     _, result = finished_run
-    job_line = re.compile(r"\[seed-w2-e2-\w+\] (training seed on 2 worker\(s\), .*|epoch [12]/2: .*|"
+    progress = re.compile(r"\[seed-w2-e2-\w+\] epoch [12]/2: \d+/15 steps, .*$")
+    job_line = re.compile(r"\[seed-w2-e2-\w+\] (training seed on 2 worker\(s\), .*|epoch [12]/2: loss .*|"
                           r"promoted to .*|test accuracy .*)$")
     lines = (result.stdout + result.stderr).splitlines()
-    assert [line for line in lines if not job_line.match(line)] == []
-    assert len(lines) == 5
+    assert [line for line in lines if not (job_line.match(line) or progress.match(line))] == []
+    assert len([line for line in lines if job_line.match(line)]) == 5
+
+
+def test_progress_lines_inside_each_epoch_off_a_terminal(finished_run):
+    # Not a terminal (captured): plain lines, rank 0's steps so far, before the epoch's summary.
+    # 15 steps an epoch run 8 at a time (--steps-per-execution 8): one line at step 8.
+    _, result = finished_run
+    lines = result.stdout.splitlines()
+    for epoch in (1, 2):
+        summary = next(i for i, line in enumerate(lines) if f"] epoch {epoch}/2: loss " in line)
+        before = [line for line in lines[:summary] if f"] epoch {epoch}/2: " in line]
+        assert len(before) == 1 and re.search(r": 8/15 steps, loss [\d.]+ acc [\d.]+ \(\d+s, ETA \d+s\)$",
+                                              before[0]), lines
+
+
+def test_epoch_metrics_are_those_of_all_workers(finished_run, small_data):
+    # Steps report their own replica's metrics; the epoch's figures must still be the all-worker
+    # ones: the validation loss and accuracy recomputed from the checkpoint's weights over every
+    # partition's validation batches (stored order, whole micro-batches) match what was logged.
+    import numpy as np
+    import ray.train
+
+    from job.config import JobConfig
+    from job.driver import load_checkpoint_model
+
+    tmp, _ = finished_run
+    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    logged = metrics["history"][metrics["best_epoch"] - 1]
+    model = load_checkpoint_model(JobConfig(data=small_data),
+                                  ray.train.Checkpoint.from_directory(metrics["checkpoint"]))
+    parts = D.read_partitions(small_data, "val")
+    micro = 64 // len(parts)
+    steps = min(len(labels) for _, labels in parts.values()) // micro
+    images = np.concatenate([im[: steps * micro] for im, _ in parts.values()]) / np.float32(255)
+    labels = np.concatenate([lab[: steps * micro] for _, lab in parts.values()])
+    probs = model.predict(images, verbose=0)
+    loss = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)).mean()
+    assert (probs.argmax(1) == labels).mean() == pytest.approx(logged["val_accuracy"], abs=1e-6)
+    assert loss == pytest.approx(logged["val_loss"], rel=1e-4)
 
 
 def test_per_class_accuracy_and_confusion_matrix_add_up(finished_run):
