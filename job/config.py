@@ -27,6 +27,9 @@ RECIPES = {
                     "warmup_epochs": 1, "epochs": 20},
 }
 FAST_EPOCHS = 12  # see fast_path_settings
+# Ray Train V2 charges every lost worker node to FailureConfig.max_failures, elastic or not
+# (failure_handling/default.py): an elastic run needs some to go on after losing a node.
+ELASTIC_MAX_FAILURES = 3
 
 
 class JobError(Exception):
@@ -67,7 +70,8 @@ class JobConfig:
     use_gpu: bool = setting(False, "one GPU per worker, NCCL all-reduce; a GPU TensorFlow cannot "
                                    "use fails the run")
     cpus_per_worker: int = setting(1, "CPUs Ray reserves per worker; also TensorFlow's threads")
-    max_failures: int = setting(0, "worker-group restarts from the last checkpoint (-1: no limit)")
+    max_failures: int = setting(0, "worker-group restarts from the last checkpoint (-1: no limit; "
+                                   f"elastic runs: {ELASTIC_MAX_FAILURES} unless given)")
     ray_address: str = setting("", "an existing Ray cluster (default $RAY_ADDRESS, else a "
                                    "private local Ray on 127.0.0.1)")
     fast: bool = setting(False, f"fast path: on CPUs bigger batches, scaled LR, {FAST_EPOCHS} "
@@ -200,6 +204,8 @@ def build_config(file_values: dict, flag_values: dict) -> JobConfig:
     unknown = {k: v for k, v in merged.items() if k not in FIELD_NAMES}
     if known.get("recipe") in RECIPES:  # presets sit between the defaults and the user's values
         known = {**RECIPES[known["recipe"]], **known}
+    if known.get("min_workers") and "max_failures" not in known:
+        known["max_failures"] = ELASTIC_MAX_FAILURES
     if known.get("fast"):
         known = {**fast_path_settings(known), **known}
     if not known.get("ray_address"):

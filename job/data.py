@@ -220,6 +220,11 @@ def check_partitions(data: str, manifest: dict, batch_size: int, world_sizes) ->
         if batch_size % partitions:
             raise JobError(f"--batch-size {batch_size} (global) must be a multiple of the {partitions} "
                            f"{split} shards of {data}: every step takes as many images from each")
+        micro, fewest = batch_size // partitions, min(manifest["splits"][split].values())
+        if fewest < micro:  # an epoch of 0 steps: tf-keras would fail in every worker
+            raise JobError(f"--batch-size {batch_size} takes {micro} images a step from each {split} "
+                           f"shard of {data}, whose smallest holds {fewest}: not one step; use "
+                           f"--batch-size <= {fewest * partitions}")
         for world in world_sizes:
             if partitions % world:
                 raise JobError(f"{world} worker(s) cannot share the {partitions} {split} shards of "

@@ -26,7 +26,7 @@ def submit(cluster, data, tmp, *flags):
     r = ray_job(cluster, "submit", "--no-wait", "--submission-id", job_id, "--working-dir", ".",
                 "--runtime-env",
                 "cluster/runtime_env.yaml", "--", "python", "-m", "job", "train", "--data", data,
-                "--epochs", str(INTERRUPTED_EPOCHS), "--num-workers", "2", "--max-failures", "2",
+                "--epochs", str(INTERRUPTED_EPOCHS), "--num-workers", "2",
                 "--output", str(tmp / "out"), "--storage-path", str(tmp / "ckpt"), "--name", "sub",
                 *flags)
     assert r.returncode == 0, r.stderr
@@ -124,7 +124,7 @@ def test_submission_without_or_with_a_wrong_token_is_refused(cluster, tmp_path):
 
 
 def test_a_killed_training_worker_changes_nothing(cluster, small_data, uninterrupted_run, tmp_path):
-    job_id = submit(cluster, small_data, tmp_path)
+    job_id = submit(cluster, small_data, tmp_path, "--max-failures", "2")
     wait_for_first_checkpoint(cluster, job_id, tmp_path)
     victim = max(train_worker_pids())
     os.kill(victim, signal.SIGKILL)
@@ -136,7 +136,8 @@ def test_a_killed_training_worker_changes_nothing(cluster, small_data, uninterru
 def test_an_elastic_run_goes_on_with_fewer_workers_after_losing_nodes(
         cluster, small_data, uninterrupted_run, tmp_path):
     # 2 workers on 2 of the 3 one-CPU worker nodes. Take the spare node and one worker's node
-    # away: with no capacity for a second worker left, the run must finish on one.
+    # away: with no capacity for a second worker left, the run must finish on one. With the
+    # default flags: an elastic run gets ELASTIC_MAX_FAILURES restarts unless told otherwise.
     job_id = submit(cluster, small_data, tmp_path, "--min-workers", "1")
     wait_for_first_checkpoint(cluster, job_id, tmp_path)
     busy = {parent(pid) for pid in train_worker_pids()}

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from job.cli import main
-from job.config import FAST_BATCH_PER_WORKER, FAST_EPOCHS, JobConfig, JobError, build_config, load_config_file
+from job.config import (
+    ELASTIC_MAX_FAILURES,
+    FAST_BATCH_PER_WORKER,
+    FAST_EPOCHS,
+    JobConfig,
+    JobError,
+    build_config,
+    load_config_file,
+)
 from tests.conftest import REPO
 
 
@@ -90,6 +98,11 @@ def test_cli_rejects_bad_epochs_in_one_line(capsys, small_data, tmp_path):
      "4, or rerun prepare-data with --shards a multiple of 3"),
     (["--num-workers", "4", "--min-workers", "3", "--batch-size", "64"],
      "--batch-size 64 (global) must divide evenly across 3 worker(s), a size the run may have"),
+    # an epoch of 0 steps (960 train, 240 val images in 4 shards each), refused before Ray starts
+    (["--batch-size", "2048"], "--batch-size 2048 takes 512 images a step from each train shard "
+     "of {data}, whose smallest holds 240: not one step; use --batch-size <= 960"),
+    (["--batch-size", "256"], "--batch-size 256 takes 64 images a step from each val shard of "
+     "{data}, whose smallest holds 60: not one step; use --batch-size <= 240"),
 ])
 def test_cli_refuses_worker_counts_the_partitions_cannot_serve(capsys, small_data, tmp_path, flags,
                                                                message):
@@ -160,3 +173,10 @@ def test_readme_flag_table_lists_every_setting_with_its_default():
         if isinstance(default, int | float) and not isinstance(default, bool):
             assert float(rows[flag].split()[0]) == default, flag
 
+
+
+def test_an_elastic_run_survives_lost_nodes_by_default():
+    # Ray Train charges a lost node to max_failures, whose default (0) would end the run there.
+    assert build_config({}, {"data": "d", "min_workers": 1}).max_failures == ELASTIC_MAX_FAILURES
+    assert build_config({}, {"data": "d", "min_workers": 1, "max_failures": 0}).max_failures == 0
+    assert build_config({}, {"data": "d"}).max_failures == 0  # a fixed size: fail fast
