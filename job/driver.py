@@ -7,6 +7,7 @@ Nothing is written to OUTPUT until the run has finished; then OUTPUT is replaced
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import numpy as np
 from job import data as D
 from job.config import JobConfig, JobError
 from job.env import job_env
-from job.runlock import data_lock, run_lock
+from job.runlock import data_lock, output_lock, run_lock
 
 METRICS_FILE = "metrics.json"
 # Where Ray keeps every worker's full output (its documented default; on each node of a cluster).
@@ -205,6 +206,11 @@ def run(cfg: JobConfig, prepare_data: bool = False) -> dict:
     """Train, evaluate, write OUTPUT (and promote). `prepare_data`: first write cfg.data from the
     official files in cfg.source if it holds no dataset (the scheduled job's one command)."""
     started = time.perf_counter()
+    with output_lock(cfg.output):  # held until OUTPUT is written (and promoted)
+        return prepare_and_run(cfg, prepare_data, started)
+
+
+def prepare_and_run(cfg: JobConfig, prepare_data: bool, started: float) -> dict:
     check_output_dir(cfg)
     if prepare_data and not D.has_dataset(cfg.data):
         with data_lock(cfg.data):  # two first runs write the dataset once
@@ -279,9 +285,9 @@ def write_output(output: str, model, metrics: dict) -> None:
     from job.report import write_figures
 
     output = os.path.abspath(output.rstrip("/"))
-    staging, old = f"{output}.staging", f"{output}.old"
-    for leftover in (staging, old):
-        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in glob.glob(f"{glob.escape(output)}.staging-*") + glob.glob(f"{glob.escape(output)}.old-*"):
+        shutil.rmtree(leftover, ignore_errors=True)  # of a crashed driver: OUTPUT's lock is ours
+    staging, old = f"{output}.staging-{os.getpid()}", f"{output}.old-{os.getpid()}"
     os.makedirs(staging)
     model.save(os.path.join(staging, "model"))  # TF SavedModel: reloadable, servable
     write_figures(staging, metrics)

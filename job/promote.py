@@ -1,11 +1,15 @@
 """Model promotion: a finished run becomes the "current" model only if it is good enough.
 
-    MODELS/releases/<run_name>/   a full copy of the run's OUTPUT (model, metrics, plots)
-    MODELS/current                a symlink to one release: the stable path consumers read
-    MODELS/promotions.jsonl       every decision, accepted or not, with both accuracies
+    MODELS/releases/<run_name>[.N]/   a full copy of the run's OUTPUT (model, metrics, plots);
+                                      a release is never changed or deleted once written
+    MODELS/current                    a symlink to one release: the stable path consumers read
+    MODELS/promotions.jsonl           every decision, accepted or not, with both accuracies
 
-The switch is one atomic rename of a new symlink over the old one, made only after the release
-is completely copied: a rejected, failed or interrupted promotion never touches `current`.
+Promotions into one MODELS dir take turns (a lock: read, decide, switch as one step). The switch
+is one atomic rename of a new symlink over the old one, made only after the release is completely
+copied: a rejected, failed or interrupted promotion never touches `current`, and the release it
+points to is never removed. Promoting the model that is already current (a rerun of a finished
+run, a RayJob retry) changes nothing.
 """
 
 from __future__ import annotations
@@ -13,15 +17,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 
 from job.config import JobConfig
+from job.runlock import waiting_lock
 
 
-def current_accuracy(models: str) -> float | None:
+def current_metrics(models: str) -> dict | None:
     try:
         with open(os.path.join(models, "current", "metrics.json")) as f:
-            return json.load(f)["test_accuracy"]
+            return json.load(f)
     except FileNotFoundError:
         return None
 
@@ -35,30 +41,55 @@ def decide(accuracy: float, current: float | None, floor: float, margin: float) 
     return True, "no current model" if current is None else f"current model has {current:.4f}"
 
 
+def same_model(a: dict, b: dict) -> bool:
+    """The same run's same result: a repeated promotion of what is already current."""
+    return all(a.get(k) == b.get(k) for k in ("run_name", "checkpoint", "test_accuracy", "test_loss"))
+
+
 def promote(cfg: JobConfig, output: str, metrics: dict) -> dict:
     """Decide, record, and (if accepted) switch MODELS/current to a copy of `output`."""
     models = cfg.promote_to
-    os.makedirs(models, exist_ok=True)
-    current = current_accuracy(models)
-    accepted, reason = decide(metrics["test_accuracy"], current, cfg.min_accuracy,
-                              cfg.max_regression)
-    decision = {"run_name": cfg.run_name, "accepted": accepted, "reason": reason,
-                "test_accuracy": metrics["test_accuracy"], "current_accuracy": current,
-                "min_accuracy": cfg.min_accuracy, "max_regression": cfg.max_regression,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if accepted:
-        release = os.path.join(models, "releases", cfg.run_name)
-        partial = release + ".partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(output, partial)
-        shutil.rmtree(release, ignore_errors=True)
-        os.rename(partial, release)
-        link = os.path.join(models, "current")
-        tmp_link = link + ".new"
-        if os.path.lexists(tmp_link):
-            os.remove(tmp_link)
-        os.symlink(os.path.relpath(release, models), tmp_link)
-        os.replace(tmp_link, link)  # atomic: readers see the old or the new model, never neither
-    with open(os.path.join(models, "promotions.jsonl"), "a") as f:
-        f.write(json.dumps(decision) + "\n")
+    os.makedirs(os.path.join(models, "releases"), exist_ok=True)
+    with waiting_lock(os.path.join(models, ".promote.lock"), f"promotion into {models}"):
+        current = current_metrics(models)
+        current_accuracy = current["test_accuracy"] if current else None
+        if current and same_model(current, metrics):
+            accepted, reason = True, "this model is already current: nothing changed"
+        else:
+            accepted, reason = decide(metrics["test_accuracy"], current_accuracy, cfg.min_accuracy,
+                                      cfg.max_regression)
+            if accepted:
+                switch_current(models, release_copy(models, cfg.run_name, output))
+        decision = {"run_name": cfg.run_name, "accepted": accepted, "reason": reason,
+                    "test_accuracy": metrics["test_accuracy"], "current_accuracy": current_accuracy,
+                    "min_accuracy": cfg.min_accuracy, "max_regression": cfg.max_regression,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with open(os.path.join(models, "promotions.jsonl"), "a") as f:
+            f.write(json.dumps(decision) + "\n")
     return decision
+
+
+def release_copy(models: str, run_name: str, output: str) -> str:
+    """A complete copy of `output` under a release name not yet taken; its path."""
+    releases = os.path.join(models, "releases")
+    partial = tempfile.mkdtemp(prefix=f".{run_name}.partial-", dir=releases)  # unique per process
+    try:
+        shutil.copytree(output, partial, dirs_exist_ok=True)
+        name, n = run_name, 1
+        while os.path.lexists(os.path.join(releases, name)):
+            n += 1
+            name = f"{run_name}.{n}"
+        os.rename(partial, os.path.join(releases, name))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return os.path.join(releases, name)
+
+
+def switch_current(models: str, release: str) -> None:
+    link = os.path.join(models, "current")
+    tmp_link = f"{link}.new-{os.getpid()}"
+    if os.path.lexists(tmp_link):
+        os.remove(tmp_link)
+    os.symlink(os.path.relpath(release, models), tmp_link)
+    os.replace(tmp_link, link)  # atomic: readers see the old or the new model, never neither

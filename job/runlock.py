@@ -1,15 +1,19 @@
-"""One driver per run, one writer per dataset: lock files held while their holder lives.
+"""One driver per run, one writer per dataset and per OUTPUT, one promotion at a time: lock
+files held while their holder lives.
 
 Two drivers of one run name (a CronJob retry, a manual "train now", a slow run overlapping the
 next schedule) would train into the same checkpoint dir at once: the second one is refused with
-one line naming the holder (`run_lock`, on `STORAGE/.RUN.lock`). Two first runs preparing the same
-dataset would delete each other's half-written shards: the second waits for the first and then
-finds the dataset (`data_lock`, on `DATA.lock`).
+one line naming the holder (`run_lock`, on `STORAGE/.RUN.lock`). Two runs of different names
+writing one OUTPUT would swap a mix into place: the second is refused (`output_lock`, on
+`OUTPUT.lock`). Two first runs preparing the same dataset would delete each other's half-written
+shards: the second waits for the first and then finds the dataset (`data_lock`, on `DATA.lock`);
+promotions into one MODELS dir take turns (`promote.py`).
 
 The locks are POSIX record locks (`fcntl.lockf`): the kernel releases one when its holder exits
-or dies, and on NFS (v3 NLM, v4 leases), CephFS or EFS the server releases it when the holder's
-node goes away, so a dead driver never leaves a stale lock to clean up. The files stay; only the
-locks matter. `s3://` and `gs://` offer no such lock: there the guards are skipped (README).
+or dies. On shared file systems that holds where the server ends a dead client's locks itself:
+NFSv4 (leases), EFS, CephFS. Under NFSv3 (NLM) a dead node's locks stay until its statd tells the
+server it rebooted, so the waits here are bounded (LOCK_WAIT_SECONDS) and end with one line.
+Object storage (`s3://`, `gs://`) offers no lock: the run lock is skipped there, with a warning.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 
 from job.config import JobError
+
+LOCK_WAIT_SECONDS = 1800  # the longest a waiting lock (dataset, promotion) waits for its holder
 
 
 class Busy(Exception):
@@ -30,8 +37,9 @@ class Busy(Exception):
 
 
 @contextlib.contextmanager
-def file_lock(path: str, wait: bool = False):
-    """Hold the lock on `path` (created if missing) for the block; without `wait`, raise Busy."""
+def file_lock(path: str, wait: float = 0):
+    """Hold the lock on `path` (created if missing) for the block. If another process holds it,
+    wait up to `wait` seconds for it, then raise Busy."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -39,12 +47,17 @@ def file_lock(path: str, wait: bool = False):
         raise JobError(f"cannot create the lock file {path}: {e.strerror} "
                        f"(running as UID {os.getuid()})") from None
     try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise JobError(f"cannot lock {path}: {e.strerror}") from None
-            raise Busy(holder(fd)) from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise JobError(f"cannot lock {path}: {e.strerror}") from None
+                if time.monotonic() >= deadline:
+                    raise Busy(holder(fd)) from None
+                time.sleep(min(1.0, wait))
         me = {"host": socket.gethostname(), "pid": os.getpid(),
               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         os.ftruncate(fd, 0)
@@ -66,10 +79,12 @@ def holder(fd: int) -> str:
 @contextlib.contextmanager
 def run_lock(storage_path: str, run_name: str):
     """Hold the run's lock for the block, or raise JobError if another live driver has it."""
-    if "://" in storage_path:
+    if "://" in storage_path and not storage_path.startswith("file://"):
+        print(f"warning: {storage_path} cannot be locked: nothing stops a second driver of run "
+              f"{run_name!r} from training into it at the same time", file=sys.stderr, flush=True)
         yield
         return
-    path = os.path.join(storage_path, f".{run_name}.lock")
+    path = os.path.join(storage_path.removeprefix("file://"), f".{run_name}.lock")
     try:
         with file_lock(path):
             yield
@@ -78,6 +93,31 @@ def run_lock(storage_path: str, run_name: str):
                        f"not starting a second training of it") from None
 
 
+@contextlib.contextmanager
+def output_lock(output: str):
+    """Hold OUTPUT's lock for the block, or raise JobError if another live driver writes it."""
+    path = output.rstrip("/") + ".lock"
+    try:
+        with file_lock(path):
+            yield
+    except Busy as busy:
+        raise JobError(f"output dir {output} is being written by {busy} (lock {path}); choose "
+                       f"another --output") from None
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str, what: str, wait: float = LOCK_WAIT_SECONDS):
+    """Wait for any other holder of `path` (up to `wait` s), then hold it for the block."""
+    try:
+        with file_lock(path, wait=wait):
+            yield
+    except Busy as busy:
+        raise JobError(f"{what} has been locked by {busy} for over {wait:g} s (lock {path}; a "
+                       f"holder on a dead NFSv3 node keeps it until that node's statd reports)") from None
+
+
 def data_lock(data: str):
     """Wait for any other writer of the dataset `data`, then hold its lock for the block."""
-    return contextlib.nullcontext() if "://" in data else file_lock(data.rstrip("/") + ".lock", wait=True)
+    if "://" in data and not data.startswith("file://"):
+        return contextlib.nullcontext()
+    return waiting_lock(data.removeprefix("file://").rstrip("/") + ".lock", f"dataset {data}")

@@ -1,20 +1,26 @@
-"""Promotion: accept, reject, and a crash mid-promotion that must leave `current` intact."""
+"""Promotion: accept, reject, repeat, take turns, and crashes that must leave `current` intact."""
 
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
 from job.config import JobConfig
 from job.promote import promote
+from job.runlock import file_lock
+from tests.conftest import REPO
 
 
-def make_run(tmp_path, name, accuracy):
+def make_run(tmp_path, name, accuracy, loss=0.3):
     out = tmp_path / "runs" / name
     (out / "model").mkdir(parents=True, exist_ok=True)
     (out / "model" / "saved_model.pb").write_bytes(name.encode())
-    metrics = {"run_name": name, "test_accuracy": accuracy}
+    metrics = {"run_name": name, "test_accuracy": accuracy, "test_loss": loss,
+               "checkpoint": f"/ckpt/{name}/checkpoint_{loss}"}
     (out / "metrics.json").write_text(json.dumps(metrics))
     cfg = JobConfig(data="d", name=name, promote_to=str(tmp_path / "models"), min_accuracy=0.90,
                     max_regression=0.005)
@@ -59,7 +65,7 @@ def test_crash_while_copying_leaves_current_intact(tmp_path, monkeypatch):
     before = sorted(os.listdir(tmp_path / "models" / "current" / "model"))
 
     def copy_then_crash(src, dst, **kwargs):
-        os.makedirs(dst)
+        os.makedirs(dst, exist_ok=True)
         shutil.copy(os.path.join(src, "metrics.json"), dst)
         raise OSError("disk full")
 
@@ -71,3 +77,51 @@ def test_crash_while_copying_leaves_current_intact(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert promote(*make_run(tmp_path, "better", 0.95))["accepted"]  # a retry cleans up and works
     assert current(tmp_path)["run_name"] == "better"
+
+
+def releases(tmp_path):
+    return sorted(os.listdir(tmp_path / "models" / "releases"))
+
+
+def test_promoting_the_current_model_again_changes_nothing(tmp_path):
+    # A rerun of a finished run, a RayJob retry: the same run's same model.
+    promote(*make_run(tmp_path, "nightly", 0.93))
+    link = os.readlink(tmp_path / "models" / "current")
+    again = promote(*make_run(tmp_path, "nightly", 0.93))
+    assert again["accepted"] and "already current" in again["reason"]
+    assert os.readlink(tmp_path / "models" / "current") == link
+    assert releases(tmp_path) == ["nightly"]
+
+
+def test_a_new_model_of_the_same_run_never_deletes_the_live_release(tmp_path, monkeypatch):
+    promote(*make_run(tmp_path, "nightly", 0.93))
+    # The switch fails after the new release is copied: current still points to a whole model.
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError, match="killed"):
+        promote(*make_run(tmp_path, "nightly", 0.94, loss=0.25))
+    monkeypatch.undo()
+    assert current(tmp_path)["test_accuracy"] == 0.93
+    assert (tmp_path / "models" / "current" / "model" / "saved_model.pb").exists()
+    promote(*make_run(tmp_path, "nightly", 0.94, loss=0.25))
+    assert current(tmp_path)["test_accuracy"] == 0.94
+    assert os.readlink(tmp_path / "models" / "current") == os.path.join("releases", "nightly.3")
+    assert releases(tmp_path) == ["nightly", "nightly.2", "nightly.3"]  # none removed
+
+
+PROMOTE = ("import sys, json; from tests.test_promote import make_run; from job.promote import promote\n"
+           "from pathlib import Path\n"
+           "print(json.dumps(promote(*make_run(Path(sys.argv[1]), 'late', 0.95))))")
+
+
+def test_promotions_into_one_models_dir_take_turns(tmp_path):
+    # Another driver's promotion holds the lock: this one waits, then decides on what it left.
+    promote(*make_run(tmp_path, "good", 0.93))
+    with file_lock(str(tmp_path / "models" / ".promote.lock")):
+        waiter = subprocess.Popen([sys.executable, "-c", PROMOTE, str(tmp_path)], cwd=REPO,
+                                  stdout=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert waiter.poll() is None  # waiting for the lock
+        promote(*make_run(tmp_path, "better", 0.96))  # the holder's own promotion (same process)
+    decision = json.loads(waiter.communicate(timeout=60)[0])
+    assert decision["current_accuracy"] == 0.96  # decided after the holder's switch
+    assert not decision["accepted"] and current(tmp_path)["run_name"] == "better"
