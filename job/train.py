@@ -212,6 +212,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     if cfg.use_gpu:  # before anything else: a GPU run must not fall back to the CPU silently
         check_worker_gpus(rank, ray.get_gpu_ids())
+        # cuDNN and cuBLAS otherwise pick non-deterministic kernels: resumption would not be exact.
+        tf.config.experimental.enable_op_determinism()
 
     if cfg.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
