@@ -161,7 +161,8 @@ def time_to_accuracy(full: str, cores: int) -> dict:
                                         "command_seconds": time.perf_counter() - started}}
     for name, flags in {"default": [], "fast": ["--fast"]}.items():
         print(f"accuracy: {name} job, full data", flush=True)
-        metrics = job(full, "--cpus-per-worker", str(max(1, cores // 2)), *flags, test_curve=True)
+        metrics = job(full, "--cpus-per-worker", str(max(1, cores // 2)), "--keep-checkpoints", "0",
+                      *flags, test_curve=True)
         reached = [p["epoch"] for p in metrics["test_curve"] if p["test_accuracy"] >= TARGET_ACCURACY]
         result[name] = {
             "test_accuracy": metrics["test_accuracy"], "epochs": metrics["epochs_completed"],

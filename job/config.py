@@ -70,6 +70,8 @@ class JobConfig:
     use_gpu: bool = setting(False, "one GPU per worker, NCCL all-reduce; a GPU TensorFlow cannot "
                                    "use fails the run")
     cpus_per_worker: int = setting(1, "CPUs Ray reserves per worker; also TensorFlow's threads")
+    keep_checkpoints: int = setting(1, "checkpoints kept besides the latest (resume needs it): "
+                                       "the best by validation accuracy (0: keep every epoch's)")
     max_failures: int = setting(0, "worker-group restarts from the last checkpoint (-1: no limit; "
                                    f"elastic runs: {ELASTIC_MAX_FAILURES} unless given)")
     ray_address: str = setting("", "an existing Ray cluster (default $RAY_ADDRESS, else a "
@@ -105,6 +107,8 @@ class JobConfig:
             (self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})"),
             (self.progress_seconds >= 0,
              f"--progress-seconds must be >= 0 (got {self.progress_seconds})"),
+            (self.keep_checkpoints >= 0,
+             f"--keep-checkpoints must be >= 0 (got {self.keep_checkpoints})"),
             (self.max_failures >= -1, f"--max-failures must be >= -1 (got {self.max_failures})"),
             (not self.mixed_precision or self.use_gpu, "--mixed-precision needs --use-gpu"),
             # tf-keras XLA-compiles the whole step, all-reduce included, and XLA cannot compile

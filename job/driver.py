@@ -136,7 +136,9 @@ def fit(cfg: JobConfig):
             name=cfg.run_name,
             storage_path=cfg.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # Ray keeps the best `num_to_keep` by score and always the latest (resume's).
             checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints or None,
                 checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max"),
             # A value the user set (e.g. to debug) reaches the workers too.
             worker_runtime_env={"env_vars": job_env()},

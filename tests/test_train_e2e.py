@@ -20,6 +20,11 @@ from tests.conftest import INTERRUPTED_EPOCHS, REPO, error_line, run_cli, same_m
 pytestmark = pytest.mark.slow
 
 
+def checkpoint_epoch(checkpoint_dir) -> int:
+    """The epoch a checkpoint dir was saved after (its state.json)."""
+    return json.loads((checkpoint_dir / "state.json").read_text())["epoch"]
+
+
 def train_args(data, tmp, *extra):
     return ["train", "--data", data, "--output", str(tmp / "out"),
             "--storage-path", str(tmp / "ckpt"), *extra]
@@ -51,7 +56,9 @@ def test_two_worker_run_writes_metrics_and_per_epoch_checkpoints(finished_run):
     assert os.path.isdir(metrics["checkpoint"])
     run_dir = tmp / "ckpt" / metrics["run_name"]
     checkpoints = sorted(p for p in os.listdir(run_dir) if (run_dir / p).is_dir())
-    assert len(checkpoints) == 2  # one per epoch, saved by all ranks, uploaded by rank 0
+    # saved by all ranks every epoch, uploaded by rank 0; kept: the best and the latest
+    kept = {checkpoint_epoch(run_dir / c) for c in checkpoints}
+    assert kept == {metrics["best_epoch"], 2} and len(checkpoints) == len(kept)
     assert {"state.json", "ckpt.index"} <= set(os.listdir(run_dir / checkpoints[-1]))
     # the driver printed one summary line per epoch
     assert result.stdout.count(f"[{metrics['run_name']}] epoch ") == 2
