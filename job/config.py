@@ -85,6 +85,9 @@ class JobConfig:
     mixed_precision: bool = setting(False, "float16 compute, float32 variables (needs --use-gpu)")
     progress_seconds: float = setting(30.0, "progress inside an epoch: a live line on a "
                                             "terminal, else a line at most this often (0: off)")
+    time_budget: int = setting(0, "seconds: past this the driver stops training and exits 2, "
+                                  "writing and promoting nothing (0: none); keep it below a "
+                                  "RayJob's activeDeadlineSeconds")
     promote_to: str = setting("", "models dir: make this run MODELS/current if it passes the "
                                   "checks below")
     min_accuracy: float = setting(0.90, "promotion floor on test accuracy")
@@ -107,6 +110,7 @@ class JobConfig:
             (self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})"),
             (self.progress_seconds >= 0,
              f"--progress-seconds must be >= 0 (got {self.progress_seconds})"),
+            (self.time_budget >= 0, f"--time-budget must be >= 0 (got {self.time_budget})"),
             (self.keep_checkpoints >= 0,
              f"--keep-checkpoints must be >= 0 (got {self.keep_checkpoints})"),
             (self.max_failures >= -1, f"--max-failures must be >= -1 (got {self.max_failures})"),

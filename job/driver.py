@@ -7,10 +7,12 @@ Nothing is written to OUTPUT until the run has finished; then OUTPUT is replaced
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -207,12 +209,57 @@ def score(model, images: np.ndarray, labels: np.ndarray) -> dict:
 def run(cfg: JobConfig, prepare_data: bool = False) -> dict:
     """Train, evaluate, write OUTPUT (and promote). `prepare_data`: first write cfg.data from the
     official files in cfg.source if it holds no dataset (the scheduled job's one command)."""
-    started = time.perf_counter()
+    started, budget = time.perf_counter(), TimeBudget(cfg.time_budget)
     with output_lock(cfg.output):  # held until OUTPUT is written (and promoted)
-        return prepare_and_run(cfg, prepare_data, started)
+        return prepare_and_run(cfg, prepare_data, started, budget)
 
 
-def prepare_and_run(cfg: JobConfig, prepare_data: bool, started: float) -> dict:
+class TimeBudget:
+    """The driver's own deadline (--time-budget; 0: none).
+
+    A RayJob's activeDeadlineSeconds only marks it Failed: the operator stops nothing. So the
+    driver ends training itself when its budget runs out, through Ray Train's own abort (the
+    SIGINT handler `trainer.fit` installs: it aborts the controller and its workers), and checks
+    the budget again before it writes OUTPUT or promotes.
+    """
+
+    def __init__(self, seconds: int):
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds if seconds else None
+        self.exceeded = False
+
+    def check(self) -> None:
+        if self.exceeded or (self.deadline and time.monotonic() > self.deadline):
+            raise JobError(f"time budget of {self.seconds} s (--time-budget) exceeded: training "
+                           f"stopped, nothing written or promoted (a rerun resumes from the last "
+                           f"checkpoint)")
+
+    @contextlib.contextmanager
+    def aborting(self):
+        """Run the block (trainer.fit); abort it like Ctrl-C would when the budget runs out."""
+        if not self.deadline:
+            yield
+            return
+
+        def abort():
+            self.exceeded = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+        timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), abort)
+        previous = signal.getsignal(signal.SIGINT)
+        timer.start()
+        try:
+            yield
+        except BaseException:  # what the abort raised (KeyboardInterrupt, a training error)
+            self.check()
+            raise
+        finally:
+            timer.cancel()
+            signal.signal(signal.SIGINT, previous)  # fit leaves its handler installed
+        self.check()
+
+
+def prepare_and_run(cfg: JobConfig, prepare_data: bool, started: float, budget: TimeBudget) -> dict:
     check_output_dir(cfg)
     if prepare_data and not D.has_dataset(cfg.data):
         with data_lock(cfg.data):  # two first runs write the dataset once
@@ -220,17 +267,18 @@ def prepare_and_run(cfg: JobConfig, prepare_data: bool, started: float) -> dict:
     manifest = D.validate_dataset(cfg.data)  # bad input fails before anything is written
     D.check_partitions(cfg.data, manifest, cfg.batch_size, cfg.world_sizes)
     with run_lock(cfg.storage_path, cfg.run_name):
-        return train_and_evaluate(cfg, manifest, started)
+        return train_and_evaluate(cfg, manifest, started, budget)
 
 
-def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float) -> dict:
+def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float, budget: TimeBudget) -> dict:
     start_ray(cfg)
     workers = "-".join(map(str, dict.fromkeys([cfg.world_sizes[0], cfg.num_workers])))
     print(f"[{cfg.run_name}] training {cfg.model} on {workers} worker(s), "
           f"global batch {cfg.batch_size}, {cfg.epochs} epoch(s); checkpoints in "
           f"{cfg.storage_path}/{cfg.run_name}", flush=True)
     try:
-        result = fit(cfg)
+        with budget.aborting():
+            result = fit(cfg)
     finally:
         import ray
 
@@ -267,8 +315,10 @@ def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float) -> dict:
         "config": cfg.to_dict(),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
+    budget.check()
     write_output(cfg.output, model, metrics)
     if cfg.promote_to:
+        budget.check()
         from job.promote import promote
 
         metrics["promotion"] = promote(cfg, cfg.output, metrics)

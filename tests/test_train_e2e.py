@@ -234,3 +234,15 @@ def test_one_worker_trains_what_two_workers_train(finished_run, small_data, tmp_
     assert (one["world_sizes"], two["world_sizes"]) == ([1, 1], [2, 2])
     assert abs(one["test_loss"] - two["test_loss"]) <= 0.002
     assert abs(one["test_accuracy"] - two["test_accuracy"]) <= 0.002
+
+
+def test_past_its_time_budget_the_driver_stops_training_and_writes_nothing(small_data, tmp_path):
+    # What a RayJob's activeDeadlineSeconds does not do: stop the training (Ray Train's abort).
+    started = time.monotonic()
+    r = run_cli(*train_args(small_data, tmp_path, "--epochs", "500", "--time-budget", "20",
+                            "--promote-to", str(tmp_path / "models"), "--min-accuracy", "0"))
+    assert r.returncode == 2 and time.monotonic() - started < 90, r.stderr[-3000:]
+    assert error_line(r).startswith("error: time budget of 20 s (--time-budget) exceeded: training "
+                                    "stopped, nothing written or promoted")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "models" / "current").exists()
+    assert (tmp_path / "ckpt").exists()  # the checkpoints stay for a rerun
