@@ -155,22 +155,27 @@ def test_output_dir_of_another_run_is_left_alone(finished_run, small_data):
     assert (tmp / "out" / "metrics.json").read_text() == before
 
 
+TOO_MANY_CPUS = str(os.cpu_count() + 1)  # more than any local Ray of this host has, whatever its size
+
+
 def test_more_workers_than_the_cluster_can_place(small_data, tmp_path):
-    r = run_cli(*train_args(small_data, tmp_path, "--num-workers", "4", "--epochs", "1"), timeout=300)
+    r = run_cli(*train_args(small_data, tmp_path, "--num-workers", "1", "--cpus-per-worker",
+                            TOO_MANY_CPUS, "--epochs", "1"), timeout=300)
     assert r.returncode == 2
-    assert error_line(r) == "error: cannot place 4 workers: they need 4 CPU, the Ray cluster has " \
-                            f"{os.cpu_count()}"
+    assert error_line(r) == f"error: cannot place 1 workers: they need {TOO_MANY_CPUS} CPU, the Ray " \
+                            f"cluster has {os.cpu_count()}"
     assert not (tmp_path / "out").exists()
 
 
 def test_retrain_prepares_missing_data_before_training(source_dir, tmp_path):
     """`retrain` = prepare-data (if the dataset is missing) + train, one command and one status.
-    Four workers do not fit this machine, so it stops right after preparing the full dataset."""
+    A worker bigger than this machine cannot be placed, so it stops right after preparing the
+    full dataset."""
     data = tmp_path / "data"
-    _, *flags = train_args(str(data), tmp_path, "--num-workers", "4")
+    _, *flags = train_args(str(data), tmp_path, "--num-workers", "1", "--cpus-per-worker", TOO_MANY_CPUS)
     r = run_cli("retrain", "--source", source_dir, *flags, timeout=300)
     assert r.returncode == 2
-    assert error_line(r).startswith("error: cannot place 4 workers")
+    assert error_line(r).startswith("error: cannot place 1 workers")
     counts = {split: sum(files.values()) for split, files in D.load_manifest(str(data))["splits"].items()}
     assert counts == {"train": 48_000, "val": 12_000, "test": 10_000}
 
@@ -246,3 +251,15 @@ def test_past_its_time_budget_the_driver_stops_training_and_writes_nothing(small
                                     "stopped, nothing written or promoted")
     assert not (tmp_path / "out").exists() and not (tmp_path / "models" / "current").exists()
     assert (tmp_path / "ckpt").exists()  # the checkpoints stay for a rerun
+
+
+def test_a_training_step_runs_one_collective_the_gradients(small_data):
+    # Counted as `make bench` counts them: TensorFlow's own log of each collective a worker runs.
+    # 15 training steps and 3 validation steps; besides them, set-up, the checkpoint and the
+    # epoch-end metrics run about a dozen. One more per step (a metric's all-reduce, the has-value
+    # flag of get_next_as_optional, a summed step output) adds 18: over the bound.
+    from bench.run import collectives_run
+
+    collectives, steps = collectives_run(small_data, os.cpu_count())
+    assert steps == 15
+    assert steps <= collectives <= steps + 15, collectives
