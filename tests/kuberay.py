@@ -1,5 +1,5 @@
-"""KubeRay v1.7.0's K8sJobMode submitter and its verdict on a RayJob, rebuilt from the operator's
-source, so that tests run our RayJobs the way the operator does (against a local Ray cluster).
+"""KubeRay v1.7.0's K8sJobMode submitter, rebuilt from the operator's source, so that tests run
+our RayJobs the way the operator does (against a local Ray cluster).
 
 Read at tag v1.7.0 of ray-project/kuberay, ray-operator/controllers/ray/:
 - common/job.go, BuildJobSubmitCommand: ONE shell line: wait for the dashboard's GCS health,
@@ -8,9 +8,7 @@ Read at tag v1.7.0 of ray-project/kuberay, ray-operator/controllers/ray/:
 - rayjob_controller.go: configureSubmitterContainer (`/bin/bash -ce --` from
   utils.GetContainerCommand; env PYTHONUNBUFFERED, RAY_DASHBOARD_ADDRESS, RAY_JOB_SUBMISSION_ID,
   token auth from common.SetContainerTokenAuthEnvVars), createNewK8sJob (the submitter is a
-  Kubernetes Job, backoffLimit 2 unless submitterConfig says otherwise: 3 pods at most), and
-  Reconcile's Running case (the RayJob's end state: the Ray job's status, once the submitter
-  Job has finished; a submitter Job that fails fails the RayJob);
+  Kubernetes Job, backoffLimit 2 unless submitterConfig says otherwise: 3 pods at most);
 - utils/util.go GenerateRayJobId (`<RayJob name>-<5 random chars>`), utils/constant.go (the
   health command, `api/gcs_healthz`, its 10 s timeout).
 """
@@ -34,7 +32,6 @@ HEALTH_COMMAND = ("python -c \"import urllib.request; r=urllib.request.urlopen('
 HEALTH_PATH, HEALTH_TIMEOUT_S = "api/gcs_healthz", 10
 SUBMITTER_BACKOFF_LIMIT = 2
 RAND_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # k8s.io/apimachinery/pkg/util/rand.String
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def random_suffix() -> str:
@@ -115,14 +112,3 @@ def ray_job_status(cluster: dict, job_id: str) -> str | None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip() or None
-
-
-def rayjob_end_state(pods: list[subprocess.CompletedProcess], ray_status: str | None) -> str:
-    """The RayJob's jobDeploymentStatus once its submitter Job has finished (Reconcile, Running)."""
-    if pods[-1].returncode != 0:
-        return "Failed"  # the submitter Job reached its backoff limit
-    if ray_status is None:
-        return "Failed"  # "Submitter completed but Ray job not found in RayCluster."
-    if ray_status not in TERMINAL:
-        return "Running"
-    return "Failed" if ray_status == "FAILED" else "Complete"
