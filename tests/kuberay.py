@@ -9,6 +9,8 @@ Read at tag v1.7.0 of ray-project/kuberay, ray-operator/controllers/ray/:
   utils.GetContainerCommand; env PYTHONUNBUFFERED, RAY_DASHBOARD_ADDRESS, RAY_JOB_SUBMISSION_ID,
   token auth from common.SetContainerTokenAuthEnvVars), createNewK8sJob (the submitter is a
   Kubernetes Job, backoffLimit 2 unless submitterConfig says otherwise: 3 pods at most);
+- rayjob_controller.go, Reconcile's Complete/Failed case and handleDeletionRules /
+  handleShutdownAfterJobFinishes: what deletes a finished RayJob's cluster (cluster_deleted_after);
 - utils/util.go GenerateRayJobId (`<RayJob name>-<5 random chars>`), utils/constant.go (the
   health command, `api/gcs_healthz`, its 10 s timeout).
 """
@@ -112,3 +114,30 @@ def ray_job_status(cluster: dict, job_id: str) -> str | None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip() or None
+
+
+# The end states of a RayJob: (jobDeploymentStatus, the Ray job's status). A stopped Ray job
+# (`ray job stop`) ends Complete like a succeeded or failed one; Failed comes from deadlines and a
+# submitter that gave up, whatever the Ray job did.
+RAYJOB_ENDS = [("Complete", "SUCCEEDED"), ("Complete", "FAILED"), ("Complete", "STOPPED"),
+               ("Failed", "RUNNING"), ("Failed", "PENDING"), ("Failed", "")]
+
+
+def cluster_deleted_after(spec: dict, deployment_status: str, job_status: str) -> int | None:
+    """Seconds after the end at which the operator deletes the RayJob's cluster (None: never), as
+    rayjob_controller.go's terminal-state case decides it (deletion-policy gate on)."""
+    assert deployment_status in ("Complete", "Failed")
+    if spec.get("clusterSelector"):
+        return None  # an existing cluster is never deleted
+    if "deletionStrategy" in spec:
+        rules = spec["deletionStrategy"].get("deletionRules")
+        assert rules is not None, "the legacy onSuccess/onFailure policies are not modelled"
+        # isDeletionRuleMatched: jobStatus and jobDeploymentStatus, whichever the rule sets
+        ttls = [r["condition"]["ttlSeconds"] for r in rules
+                if r["policy"] in ("DeleteCluster", "DeleteSelf")
+                and r["condition"].get("jobStatus", job_status) == job_status
+                and r["condition"].get("jobDeploymentStatus", deployment_status) == deployment_status]
+        return min(ttls, default=None)
+    if spec.get("shutdownAfterJobFinishes"):
+        return spec.get("ttlSecondsAfterFinished", 0)
+    return None

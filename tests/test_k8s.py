@@ -17,6 +17,7 @@ import yaml
 from job.cli import make_parser
 from job.config import build_config
 from tests.conftest import pinned_ray_version
+from tests.kuberay import RAYJOB_ENDS, cluster_deleted_after
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
@@ -146,14 +147,10 @@ def test_rayjob_runs_gpu_workers_with_token_auth_and_cleans_up():
             for c in group["template"]["spec"]["containers"]:
                 assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert spec["activeDeadlineSeconds"] > 0 and spec["preRunningDeadlineSeconds"] > 0
-        # deletionRules exclude shutdownAfterJobFinishes (KubeRay's validation.go); every end
-        # deletes the cluster first, then the RayJob itself, and never the other way round.
-        assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
-        rules = spec["deletionStrategy"]["deletionRules"]
-        for end in ({"jobStatus": "SUCCEEDED"}, {"jobStatus": "FAILED"}, {"jobDeploymentStatus": "Failed"}):
-            ttl = {r["policy"]: r["condition"]["ttlSeconds"] for r in rules
-                   if end.items() <= r["condition"].items()}
-            assert 0 < ttl["DeleteCluster"] <= ttl["DeleteSelf"], (name, end)
+        # Every end, a stopped Ray job's too, deletes the GPU cluster soon (the operator's rule).
+        for end in RAYJOB_ENDS:
+            ttl = cluster_deleted_after(spec, *end)
+            assert ttl is not None and 0 < ttl <= 3600, (name, end, ttl)
         # The submitter follows the logs for hours: at least KubeRay's default (1 CPU, 1Gi).
         submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]["resources"]["limits"]
         assert quantity(submitter["cpu"]) >= 1 and quantity(submitter["memory"]) >= 2**30
@@ -239,3 +236,16 @@ def test_only_the_operator_in_its_own_namespace_reaches_the_dashboard():
                 assert peer["podSelector"]["matchLabels"] == {
                     "app.kubernetes.io/name": "kuberay-operator"}
                 assert rule["ports"] == [{"protocol": "TCP", "port": 8265}]
+
+
+def test_the_deletion_rule_reading_tells_apart_what_deletes_a_stopped_jobs_cluster():
+    # The operator's rule as read (tests/kuberay.py) on the specs the old manifests had: the
+    # deletionRules matched no STOPPED job, so its GPU cluster stayed for ever.
+    old_rules = {"deletionStrategy": {"deletionRules": [
+        {"policy": "DeleteCluster", "condition": {"jobStatus": s, "ttlSeconds": 600}}
+        for s in ("SUCCEEDED", "FAILED")]}}
+    assert cluster_deleted_after(old_rules, "Complete", "SUCCEEDED") == 600
+    assert cluster_deleted_after(old_rules, "Complete", "STOPPED") is None
+    assert cluster_deleted_after({}, "Complete", "STOPPED") is None  # no mechanism at all
+    shutdown = {"shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": 600}
+    assert {cluster_deleted_after(shutdown, *end) for end in RAYJOB_ENDS} == {600}
