@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             file_values = load_config_file(args.pop("config")) if "config" in args else {}
             run(build_config(file_values, args), prepare_data=command == "retrain")
         else:
-            from job.driver import evaluate
+            from job.results import evaluate
 
             print(json.dumps(evaluate(args["model"], args["data"]), indent=1))
     except JobError as e:

@@ -8,43 +8,28 @@ Nothing is written to OUTPUT until the run has finished; then OUTPUT is replaced
 from __future__ import annotations
 
 import contextlib
-import glob
-import json
 import os
-import shutil
 import signal
 import socket
 import tempfile
 import threading
 import time
 
-import numpy as np
-
 from job import data as D
 from job.config import JobConfig, JobError
 from job.env import job_env
+from job.results import METRICS_FILE, check_output_dir, score, write_json_atomically, write_output
 from job.runlock import data_lock, output_lock, run_lock
 
-METRICS_FILE = "metrics.json"
+# A worker group Ray cannot place (a lost node not replaced) fails its start after
+# RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s), and Ray Train retries that for ever by default
+# (controller_failure_limit -1): give up after this many attempts, ~10 min, with one line. An
+# elastic run below --min-workers waits without attempts: --time-budget bounds it.
+PLACEMENT_ATTEMPTS = 10
 # Where Ray keeps every worker's full output (its documented default; on each node of a cluster).
 RAY_LOGS = "/tmp/ray/session_latest/logs"
 # TensorFlow's native start-up lines in the driver (see workarounds.native_stderr_to).
 DRIVER_TF_LOG = os.path.join(tempfile.gettempdir(), "fashion-job-driver-tensorflow.log")
-
-
-def check_output_dir(cfg: JobConfig) -> None:
-    """OUTPUT may be missing, empty, or hold an earlier result of this same run."""
-    if not os.path.isdir(cfg.output) or not os.listdir(cfg.output):
-        return
-    try:
-        with open(os.path.join(cfg.output, METRICS_FILE)) as f:
-            previous = json.load(f).get("run_name")
-    except (OSError, ValueError):
-        previous = None
-    if previous != cfg.run_name:
-        held = f"run {previous!r}" if previous else "files of another kind"
-        raise JobError(f"output dir {cfg.output} holds {held}, not run {cfg.run_name!r}; "
-                       f"choose another --output or remove it")
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -137,7 +122,8 @@ def fit(cfg: JobConfig):
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
             storage_path=cfg.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
+                                                   controller_failure_limit=PLACEMENT_ATTEMPTS),
             # Ray keeps the best `num_to_keep` by score and always the latest (resume's).
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints or None,
@@ -188,22 +174,6 @@ def run_state(result) -> dict:
 
     with result.checkpoint.as_directory() as ckpt_dir:
         return load_state(ckpt_dir)
-
-
-def score(model, images: np.ndarray, labels: np.ndarray) -> dict:
-    """Test loss/accuracy, per-class accuracy and the confusion matrix, from one predict pass."""
-    probs = model.predict(images.astype(np.float32) / 255.0, batch_size=1000, verbose=0)
-    picked = probs[np.arange(len(labels)), labels]
-    predicted = probs.argmax(axis=1)
-    confusion = np.zeros((D.NUM_CLASSES, D.NUM_CLASSES), dtype=int)
-    np.add.at(confusion, (labels, predicted), 1)
-    per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
-    return {
-        "test_accuracy": float((predicted == labels).mean()),
-        "test_loss": float(-np.log(np.clip(picked, 1e-7, 1.0)).mean()),
-        "per_class_accuracy": dict(zip(D.CLASS_NAMES, per_class.round(4).tolist(), strict=True)),
-        "confusion_matrix": confusion.tolist(),
-    }
 
 
 def run(cfg: JobConfig, prepare_data: bool = False) -> dict:
@@ -330,38 +300,3 @@ def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float, budget: T
           f"test loss {metrics['test_loss']:.4f} (best epoch {best['epoch']}); "
           f"wrote {cfg.output}", flush=True)
     return metrics
-
-
-def write_output(output: str, model, metrics: dict) -> None:
-    """Write everything into a sibling staging dir, then swap it in with renames."""
-    from job.report import write_figures
-
-    output = os.path.abspath(output.rstrip("/"))
-    for leftover in glob.glob(f"{glob.escape(output)}.staging-*") + glob.glob(f"{glob.escape(output)}.old-*"):
-        shutil.rmtree(leftover, ignore_errors=True)  # of a crashed driver: OUTPUT's lock is ours
-    staging, old = f"{output}.staging-{os.getpid()}", f"{output}.old-{os.getpid()}"
-    os.makedirs(staging)
-    model.save(os.path.join(staging, "model"))  # TF SavedModel: reloadable, servable
-    write_figures(staging, metrics)
-    write_json_atomically(os.path.join(staging, METRICS_FILE), metrics)
-    if os.path.exists(output):
-        os.rename(output, old)
-    os.rename(staging, output)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json_atomically(path: str, value: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def evaluate(model_path: str, data: str) -> dict:
-    import tf_keras as keras
-
-    if not os.path.isdir(model_path):
-        raise JobError(f"model not found: {model_path}")
-    model = keras.models.load_model(model_path)
-    test = score(model, *D.read_split(data, "test"))
-    return {"model": model_path, "data": data, "test_accuracy": test["test_accuracy"],
-            "test_loss": test["test_loss"], "per_class_accuracy": test["per_class_accuracy"]}
