@@ -36,6 +36,13 @@ class Progress:
                 f"loss {self.loss:.4f} acc {self.accuracy:.4f} ({self.seconds:.0f}s, ETA {eta:.0f}s)")
 
 
+@dataclass(frozen=True)
+class WorkerGroupFailure:
+    """A failure Ray Train reported (it restarts the group if --max-failures allows): one line."""
+
+    line: str
+
+
 def is_live(stream) -> bool:
     """A terminal with a width: a live line can be redrawn there (a 0-column pty cannot)."""
     try:
@@ -58,10 +65,15 @@ class Console:
         self.run_name, self.stream = run_name, stream or sys.stdout
         self.live = is_live(self.stream)
         self.bar = None  # the live line of the epoch in progress (terminal only)
+        self.failures = 0  # WorkerGroupFailure messages shown
 
     def show(self, message) -> None:
         if isinstance(message, Progress):
             self.progress(message)
+        elif isinstance(message, WorkerGroupFailure):
+            self.failures += 1
+            self.close_bar()
+            print(message.line, file=self.stream, flush=True)
         else:
             self.close_bar()
             print(message, file=self.stream, flush=True)

@@ -76,7 +76,7 @@ def fit(cfg: JobConfig):
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from job.console import Console, progress_interval
+    from job.console import Console, WorkerGroupFailure, progress_interval
     from job.workarounds import native_stderr_to
 
     with native_stderr_to(DRIVER_TF_LOG):  # TensorFlow's import and device discovery
@@ -107,6 +107,10 @@ def fit(cfg: JobConfig):
                             f"acc {m['accuracy']:.4f} val_loss {m['val_loss']:.4f} "
                             f"val_acc {m['val_accuracy']:.4f} ({m['epoch_seconds']:.1f}s)")
 
+        def after_exception(self, run_context, worker_exceptions):
+            first = str(next(iter(worker_exceptions.values()), "")).strip().splitlines() or [""]
+            epoch_lines.put(WorkerGroupFailure(f"[{cfg.run_name}] worker group failed: {first[-1]}"))
+
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         # Rank 0 sends its progress inside each epoch to the same queue (job/console.py).
@@ -134,11 +138,11 @@ def fit(cfg: JobConfig):
             logging_config=ray.train.LoggingConfig(log_level="ERROR"),
         ),
     )
-    printer = threading.Thread(target=Console(cfg.run_name).print_until_none, args=(epoch_lines,),
-                               daemon=True)
+    console = Console(cfg.run_name)
+    printer = threading.Thread(target=console.print_until_none, args=(epoch_lines,), daemon=True)
     printer.start()
     try:
-        return trainer.fit()
+        return trainer.fit(), console.failures
     except ray.train.TrainingFailedError as e:
         failures = getattr(e, "worker_failures", {}) or {}
         first = next(iter(failures.values()), e)
@@ -248,7 +252,7 @@ def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float, budget: T
           f"{cfg.storage_path}/{cfg.run_name}", flush=True)
     try:
         with budget.aborting():
-            result = fit(cfg)
+            result, failures = fit(cfg)
     finally:
         import ray
 
@@ -277,7 +281,8 @@ def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float, budget: T
         "world_sizes": sizes,  # the workers that trained each epoch
         "resizes": [{"epoch": h["epoch"], "from": a, "to": b}
                     for h, a, b in zip(history[1:], sizes, sizes[1:], strict=False) if a != b],
-        "restarts": len(state["starts"]) - 1,  # worker-group restarts and driver reruns
+        "restarts": len(state["starts"]) - 1,  # starts that resumed: restarts, driver reruns
+        "worker_group_failures": failures,  # as Ray reported them to this driver, retried or not
         "resumed_from_epochs": [s for s in state["starts"] if s > 0],
         "history": history,
         "per_class_accuracy": test["per_class_accuracy"],

@@ -9,7 +9,7 @@ import termios
 
 import pytest
 
-from job.console import LIVE_SECONDS, Console, Progress, progress_interval
+from job.console import LIVE_SECONDS, Console, Progress, WorkerGroupFailure, progress_interval
 
 STEP = Progress(epoch=2, epochs=10, step=300, steps=750, loss=0.41, accuracy=0.85, seconds=12.0)
 
@@ -47,10 +47,13 @@ def test_off_a_terminal_each_progress_message_is_one_plain_line():
     console = Console("run", out)
     console.show(STEP)
     console.show("[run] epoch 2/10: loss 0.4000 ...")
+    console.show(WorkerGroupFailure("[run] worker group failed: node died"))
     assert out.getvalue().splitlines() == [
         "[run] epoch 2/10: 300/750 steps, loss 0.4100 acc 0.8500 (12s, ETA 18s)",
         "[run] epoch 2/10: loss 0.4000 ...",
+        "[run] worker group failed: node died",
     ]
+    assert console.failures == 1  # metrics.json's worker_group_failures
 
 
 def test_on_a_terminal_the_line_is_redrawn_then_replaced_by_the_summary(terminal):
