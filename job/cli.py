@@ -59,6 +59,25 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def reference_markdown() -> str:
+    """docs/cli.md: every command's flags as the parser defines them (`make docs` writes it)."""
+    parser = make_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    lines = ["# Command-line reference", "",
+             "Generated from the parser (`job/cli.py`, defaults and help from `JobConfig` in "
+             "`job/config.py`) by `make docs`; a test checks it is current. A flag of `train` or "
+             "`retrain` is also a key of `--config FILE` (TOML or JSON, `-` or `_`).", ""]
+    for name, sub in commands.choices.items():
+        lines += [f"## `python -m job {name}`", "", sub.description or commands._choices_actions[
+            list(commands.choices).index(name)].help, "", "| flag | help |", "| --- | --- |"]
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                text = (action.help or "").replace("%%", "%").replace("|", "\\|")
+                lines.append(f"| `{action.option_strings[0]}` | {text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = vars(make_parser().parse_args(argv))
     command = args.pop("command")

@@ -1,9 +1,6 @@
-import dataclasses
 import json
 import os
-import re
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +14,6 @@ from job.config import (
     build_config,
     load_config_file,
 )
-from tests.conftest import REPO
 
 
 def test_defaults_are_the_reference_recipe():
@@ -161,18 +157,6 @@ def test_large_batch_recipe_is_a_preset_the_users_values_beat():
         build_config({}, {"data": "d", "recipe": "huge"})
     with pytest.raises(JobError, match="--warmup-epochs must be in"):
         build_config({}, {"data": "d", "warmup_epochs": 10, "epochs": 10})
-
-
-def test_readme_flag_table_lists_every_setting_with_its_default():
-    readme = Path(REPO, "README.md").read_text()
-    rows = dict(re.findall(r"^\| `--([a-z-]+)` \| ([^|]*) \|", readme, re.M))
-    fields = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(JobConfig)
-              if "help" in f.metadata}
-    assert set(rows) == set(fields) | {"config"}
-    for flag, default in fields.items():
-        if isinstance(default, int | float) and not isinstance(default, bool):
-            assert float(rows[flag].split()[0]) == default, flag
-
 
 
 def test_an_elastic_run_survives_lost_nodes_by_default():
