@@ -77,43 +77,39 @@ def holder(fd: int) -> str:
 
 
 @contextlib.contextmanager
+def lock_or_refuse(path: str, refusal, wait: float = 0):
+    """Hold `path`'s lock for the block (waiting up to `wait` s for another holder), or raise
+    JobError(refusal(holder))."""
+    try:
+        with file_lock(path, wait=wait):
+            yield
+    except Busy as busy:
+        raise JobError(refusal(busy)) from None
+
+
 def run_lock(storage_path: str, run_name: str):
     """Hold the run's lock for the block, or raise JobError if another live driver has it."""
     if "://" in storage_path and not storage_path.startswith("file://"):
         print(f"warning: {storage_path} cannot be locked: nothing stops a second driver of run "
               f"{run_name!r} from training into it at the same time", file=sys.stderr, flush=True)
-        yield
-        return
+        return contextlib.nullcontext()
     path = os.path.join(storage_path.removeprefix("file://"), f".{run_name}.lock")
-    try:
-        with file_lock(path):
-            yield
-    except Busy as busy:
-        raise JobError(f"run {run_name!r} is already being trained by {busy} (lock {path}); "
-                       f"not starting a second training of it") from None
+    return lock_or_refuse(path, lambda holder: f"run {run_name!r} is already being trained by "
+                          f"{holder} (lock {path}); not starting a second training of it")
 
 
-@contextlib.contextmanager
 def output_lock(output: str):
     """Hold OUTPUT's lock for the block, or raise JobError if another live driver writes it."""
     path = output.rstrip("/") + ".lock"
-    try:
-        with file_lock(path):
-            yield
-    except Busy as busy:
-        raise JobError(f"output dir {output} is being written by {busy} (lock {path}); choose "
-                       f"another --output") from None
+    return lock_or_refuse(path, lambda holder: f"output dir {output} is being written by {holder} "
+                          f"(lock {path}); choose another --output")
 
 
-@contextlib.contextmanager
 def waiting_lock(path: str, what: str, wait: float = LOCK_WAIT_SECONDS):
     """Wait for any other holder of `path` (up to `wait` s), then hold it for the block."""
-    try:
-        with file_lock(path, wait=wait):
-            yield
-    except Busy as busy:
-        raise JobError(f"{what} has been locked by {busy} for over {wait:g} s (lock {path}; a "
-                       f"holder on a dead NFSv3 node keeps it until that node's statd reports)") from None
+    return lock_or_refuse(path, lambda holder: f"{what} has been locked by {holder} for over "
+                          f"{wait:g} s (lock {path}; a holder on a dead NFSv3 node keeps it until "
+                          f"that node's statd reports)", wait=wait)
 
 
 def data_lock(data: str):
