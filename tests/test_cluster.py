@@ -11,12 +11,13 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import INTERRUPTED_EPOCHS, RAY, ray_job, same_model
+from tests.conftest import INTERRUPTED_EPOCHS, RAY, error_line, ray_job, run_cli, same_model
 
 pytestmark = pytest.mark.slow
 
@@ -159,3 +160,31 @@ def test_an_elastic_run_goes_on_with_fewer_workers_after_losing_nodes(
     assert abs(metrics["test_accuracy"] - uninterrupted_run["test_accuracy"]) <= 0.002
     logs = ray_job(cluster, "logs", job_id).stdout
     assert "] resized: 2 -> 1 worker(s) (elastic)" in logs, logs[-3000:]
+
+
+HOLD_CPUS = ("import sys, time, ray; ray.init(address=sys.argv[1], log_to_driver=False)\n"
+             "pg = ray.util.placement_group([{'CPU': 1}, {'CPU': 1}], strategy='SPREAD')\n"
+             "ray.get(pg.ready(), timeout=60); print('held', flush=True); time.sleep(600)")
+
+
+def test_a_worker_group_that_cannot_be_placed_fails_after_bounded_attempts(cluster, small_data,
+                                                                            tmp_path):
+    # 2 of the 3 worker nodes' CPUs are held: the cluster is big enough on paper (the driver's
+    # check passes) but a 2-worker group cannot be placed. Ray Train would retry that for ever;
+    # the driver's FailureConfig stops after PLACEMENT_ATTEMPTS (each 2 s here, 60 s by default).
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": cluster["token"]}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_CPUS, cluster["gcs"]], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        r = run_cli("train", "--data", small_data, "--ray-address", cluster["gcs"], "--epochs", "1",
+                    "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ckpt"),
+                    env={**env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "2"}, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert error_line(r).startswith("error: training failed: "), r.stderr[-3000:]
+    assert time.monotonic() - started < 240
+    assert not (tmp_path / "out").exists()
