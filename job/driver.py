@@ -184,8 +184,16 @@ def run(cfg: JobConfig, prepare_data: bool = False) -> dict:
     """Train, evaluate, write OUTPUT (and promote). `prepare_data`: first write cfg.data from the
     official files in cfg.source if it holds no dataset (the scheduled job's one command)."""
     started, budget = time.perf_counter(), TimeBudget(cfg.time_budget)
-    with output_lock(cfg.output):  # held until OUTPUT is written (and promoted)
-        return prepare_and_run(cfg, prepare_data, started, budget)
+    if prepare_data and not D.has_dataset(cfg.data):
+        with data_lock(cfg.data):  # two first runs write the dataset once
+            D.ensure_dataset(cfg.source or D.default_source(), cfg.data)
+    manifest = D.validate_dataset(cfg.data)  # bad input fails before anything is written
+    D.check_partitions(cfg.data, manifest, cfg.batch_size, cfg.world_sizes)
+    # The run's lock first (a second driver of this run is told so), then OUTPUT's (another run
+    # writing the same OUTPUT), both held until OUTPUT is written and promoted.
+    with run_lock(cfg.storage_path, cfg.run_name), output_lock(cfg.output):
+        check_output_dir(cfg)
+        return train_and_evaluate(cfg, manifest, started, budget)
 
 
 class TimeBudget:
@@ -231,17 +239,6 @@ class TimeBudget:
             timer.cancel()
             signal.signal(signal.SIGINT, previous)  # fit leaves its handler installed
         self.check()
-
-
-def prepare_and_run(cfg: JobConfig, prepare_data: bool, started: float, budget: TimeBudget) -> dict:
-    check_output_dir(cfg)
-    if prepare_data and not D.has_dataset(cfg.data):
-        with data_lock(cfg.data):  # two first runs write the dataset once
-            D.ensure_dataset(cfg.source or D.default_source(), cfg.data)
-    manifest = D.validate_dataset(cfg.data)  # bad input fails before anything is written
-    D.check_partitions(cfg.data, manifest, cfg.batch_size, cfg.world_sizes)
-    with run_lock(cfg.storage_path, cfg.run_name):
-        return train_and_evaluate(cfg, manifest, started, budget)
 
 
 def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float, budget: TimeBudget) -> dict:
