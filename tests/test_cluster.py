@@ -183,7 +183,7 @@ def test_a_worker_group_that_cannot_be_placed_fails_after_bounded_attempts(clust
                     env={**env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "2"}, timeout=300)
     finally:
         holder.kill()
-        holder.wait()
+        holder.communicate()
     assert r.returncode == 2, r.stderr[-3000:]
     assert error_line(r).startswith("error: training failed: "), r.stderr[-3000:]
     assert time.monotonic() - started < 240
