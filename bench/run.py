@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 
 from job import data as D
+from job.driver import RAY_LOGS
 
 REPO = Path(__file__).resolve().parent.parent
 SPEED_EPOCHS = 3
 TARGET_ACCURACY = 0.90
-RAY_LOGS = Path("/tmp/ray/session_latest/logs")  # the private local Ray's, of the run just ended
 
 # (figure, ceiling): README's targets, checked at the end of every run.
 TARGETS = [
@@ -98,7 +98,7 @@ def collectives_run(data: str, cores: int) -> tuple[int, int]:
     metrics = job(data, "--epochs", "1", "--num-workers", "2", "--cpus-per-worker",
                   str(max(1, cores // 2)), "--progress-seconds", "0", env=log_env)
     counts = [sum("ExecuteAsync start" in line for line in path.read_text(errors="replace").splitlines())
-              for path in RAY_LOGS.resolve().glob("worker-*.err")]
+              for path in Path(RAY_LOGS).resolve().glob("worker-*.err")]  # of the run just ended
     return max(counts), metrics["optimizer_steps"]
 
 

@@ -67,9 +67,10 @@ def reference_markdown() -> str:
              "Generated from the parser (`job/cli.py`, defaults and help from `JobConfig` in "
              "`job/config.py`) by `make docs`; a test checks it is current. A flag of `train` or "
              "`retrain` is also a key of `--config FILE` (TOML or JSON, `-` or `_`).", ""]
+    summaries = {action.dest: action.help for action in commands._choices_actions}
     for name, sub in commands.choices.items():
-        lines += [f"## `python -m job {name}`", "", sub.description or commands._choices_actions[
-            list(commands.choices).index(name)].help, "", "| flag | help |", "| --- | --- |"]
+        lines += [f"## `python -m job {name}`", "", summaries[name], "", "| flag | help |",
+                  "| --- | --- |"]
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
                 text = (action.help or "").replace("%%", "%").replace("|", "\\|")

@@ -70,13 +70,12 @@ class Console:
     def show(self, message) -> None:
         if isinstance(message, Progress):
             self.progress(message)
-        elif isinstance(message, WorkerGroupFailure):
+            return
+        if isinstance(message, WorkerGroupFailure):
             self.failures += 1
-            self.close_bar()
-            print(message.line, file=self.stream, flush=True)
-        else:
-            self.close_bar()
-            print(message, file=self.stream, flush=True)
+            message = message.line
+        self.close_bar()
+        print(message, file=self.stream, flush=True)
 
     def progress(self, p: Progress) -> None:
         if not self.live:

@@ -151,10 +151,10 @@ class ProgressToDriver(keras.callbacks.Callback):
     seconds. The logs are its own replica's (ReplicaLocalMetrics), and it reads them only when it
     sends: no worker waits for another, and the other steps pay nothing."""
 
-    def __init__(self, queue, every: float, epochs: int, steps: int):
+    def __init__(self, queue, every: float):
         super().__init__()
         self._supports_tf_logs = True  # Keras hands over the step's tensors, unread
-        self.queue, self.every, self.epochs, self.steps = queue, every, epochs, steps
+        self.queue, self.every = queue, every
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch, self.started = epoch + 1, time.perf_counter()
@@ -162,10 +162,11 @@ class ProgressToDriver(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         now = time.perf_counter()
-        if now - self.sent < self.every or batch + 1 >= self.steps:  # the summary line follows
+        steps = self.params["steps"]  # fit's params: epochs and steps per epoch
+        if now - self.sent < self.every or batch + 1 >= steps:  # the summary line follows
             return
         self.sent = now
-        self.queue.put_nowait(Progress(self.epoch, self.epochs, batch + 1, self.steps,
+        self.queue.put_nowait(Progress(self.epoch, self.params["epochs"], batch + 1, steps,
                                        float(logs["loss"]), float(logs["accuracy"]),
                                        now - self.started))
 
@@ -254,7 +255,7 @@ def train_loop_per_worker(config: dict) -> None:
         validation_data=val_ds,
         validation_steps=val_steps,
         callbacks=[SeedRandomLayersEachEpoch(cfg.seed), ReportEachEpoch(checkpoint, state),
-                   *([ProgressToDriver(progress_queue, progress_every, cfg.epochs, train_steps)]
+                   *([ProgressToDriver(progress_queue, progress_every)]
                      if progress_every and rank == 0 else [])],
         verbose=0,  # the driver prints one line per epoch (driver.EpochSummary)
     )
