@@ -23,7 +23,7 @@ LR_SCHEDULES = ("constant", "cosine")
 RECIPES = {
     # The reference notebook's training, exactly (today also the defaults).
     "reference": {"model": "seed", "batch_size": 64, "learning_rate": 1e-3, "lr_schedule": "constant",
-                  "warmup_epochs": 0, "epochs": 10},
+                  "warmup_epochs": 0, "flips": False, "epochs": 10},
     "large-batch": {"batch_size": 1024, "learning_rate": 4e-3, "lr_schedule": "cosine",
                     "warmup_epochs": 1, "epochs": 20},
 }
@@ -66,6 +66,9 @@ class JobConfig:
     lr_schedule: str = setting("constant", "constant or cosine (decay to 1 % over the run; "
                                            "strong always decays)")
     warmup_epochs: int = setting(0, "linear learning-rate warm-up from 0 over this many epochs")
+    flips: bool = setting(False, "train on left-right mirrored images (half, drawn from the seed); "
+                                 "validation, test and the exported model average each image's "
+                                 "and its mirror's predictions")
     recipe: str = setting("", f"a named preset ({', '.join(RECIPES)}); flags given win")
     seed: int = setting(0, "initialisation and shuffle seed")
     use_gpu: bool = setting(False, "one GPU per worker, NCCL all-reduce; a GPU TensorFlow cannot "
@@ -188,7 +191,7 @@ def fast_path_settings(chosen: dict) -> dict:
 # Settings that define the trained model (and therefore the default run name).
 TRAINING_FIELDS = (
     "data", "model", "epochs", "num_workers", "batch_size", "learning_rate", "lr_schedule",
-    "warmup_epochs", "seed", "use_gpu", "jit_compile", "mixed_precision",
+    "warmup_epochs", "flips", "seed", "use_gpu", "jit_compile", "mixed_precision",
 )
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(JobConfig) if f.name != "extra")
 

@@ -161,15 +161,16 @@ def best_checkpoint(result):
 
 
 def load_checkpoint_model(cfg: JobConfig, checkpoint):
+    """The checkpoint's model as validation scored it, and as it is tested and exported."""
     import tensorflow as tf
 
-    from job.model import build_model
+    from job.model import build_model, scored_model
     from job.train import WEIGHTS_PREFIX
 
     model = build_model(cfg.model, cfg.learning_rate)
     with checkpoint.as_directory() as ckpt_dir:
         tf.train.Checkpoint(model=model).read(os.path.join(ckpt_dir, WEIGHTS_PREFIX)).expect_partial()
-    return model
+    return scored_model(model, cfg.flips)
 
 
 def run_state(result) -> dict:

@@ -6,6 +6,7 @@ than one worker.
 
 from __future__ import annotations
 
+import tensorflow as tf
 import tf_keras as keras
 from tf_keras import layers
 
@@ -64,6 +65,20 @@ def strong_cnn(sequential=keras.Sequential) -> keras.Model:
 
 
 MODELS = {"seed": seed_cnn, "strong": strong_cnn}
+
+
+def mirror_averaged(model, images):
+    """The mean of the model's predictions for the images and for their left-right mirrors
+    (--flips: what validation, the test and the exported model score)."""
+    return (model(images, training=False) + model(tf.reverse(images, axis=[2]), training=False)) / 2
+
+
+def scored_model(model: keras.Model, flips: bool) -> keras.Model:
+    """The model as it is scored and exported: with --flips, one that averages over mirrors."""
+    if not flips:
+        return model
+    images = keras.Input(INPUT_SHAPE)
+    return keras.Model(images, mirror_averaged(model, images), name=f"{model.name}_mirror_averaged")
 
 
 def build_model(name: str, learning_rate: float, steps_per_epoch: int = 0, epochs: int = 0,

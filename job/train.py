@@ -25,7 +25,7 @@ from job import data as D
 from job.config import JobConfig
 from job.console import Progress
 from job.gpu import check_worker_gpus
-from job.model import build_model
+from job.model import build_model, mirror_averaged
 from job.workarounds import apply_in_worker
 
 STATE_FILE = "state.json"  # epoch, per-epoch history and restarts, beside the TF checkpoint
@@ -62,22 +62,35 @@ def partitioned_dataset(strategy, cfg: JobConfig, manifest: dict, split: str, ep
     micro = cfg.batch_size // len(names)
     steps = min(rows) // micro
 
-    def order(epoch: int | None, partition: int) -> np.ndarray:  # (steps, micro) row indices
-        drawn = (np.arange(rows[partition]) if epoch is None else
-                 np.random.default_rng([cfg.seed, epoch, partition]).permutation(rows[partition]))
-        return drawn[: steps * micro].reshape(steps, micro)
+    def order(epoch: int | None, partition: int) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, micro) row indices, and which of those rows are mirrored (--flips)."""
+        if epoch is None:
+            drawn, mirrored = np.arange(rows[partition]), np.zeros(rows[partition], bool)
+        else:
+            rng = np.random.default_rng([cfg.seed, epoch, partition])
+            drawn = rng.permutation(rows[partition])
+            mirrored = rng.random(rows[partition]) < 0.5 if cfg.flips else np.zeros_like(drawn, bool)
+        return drawn[: steps * micro].reshape(steps, micro), mirrored[: steps * micro].reshape(steps, micro)
 
     def make(ctx: tf.distribute.InputContext):
         parts = D.read_partitions(cfg.data, split, manifest, ctx.input_pipeline_id,
                                   ctx.num_input_pipelines)
         offsets = np.cumsum([0] + [len(labels) for _, labels in parts.values()])
-        batches = np.concatenate([  # (epochs x steps, this worker's batch)
-            np.concatenate([offsets[i] + order(epoch, p) for i, p in enumerate(parts)], axis=1)
-            for epoch in (epochs or [None])])
-        replicas_here = strategy.num_replicas_in_sync // ctx.num_input_pipelines  # GPUs/worker
+        drawn = [[order(epoch, p) for p in parts] for epoch in (epochs or [None])]
+        # (epochs x steps, this worker's batch): its partitions' micro-batches side by side
+        batches = np.concatenate([np.concatenate([offsets[i] + r for i, (r, _) in enumerate(e)], axis=1)
+                                  for e in drawn])
+        mirrored = np.concatenate([np.concatenate([m for _, m in e], axis=1) for e in drawn])
+        per_replica = batches.shape[1] // (strategy.num_replicas_in_sync // ctx.num_input_pipelines)
         images, labels = (np.concatenate(arrays) for arrays in zip(*parts.values(), strict=True))
-        return (tf.data.Dataset.from_tensor_slices(batches.reshape(-1, batches.shape[1] // replicas_here))
-                .map(lambda rows: normalize(tf.gather(images, rows), tf.gather(labels, rows))))
+
+        def batch(rows, mirror):
+            picked = tf.gather(images, rows)
+            return normalize(tf.where(mirror[:, None, None, None], tf.reverse(picked, [2]), picked),
+                             tf.gather(labels, rows))
+
+        return tf.data.Dataset.from_tensor_slices(
+            (batches.reshape(-1, per_replica), mirrored.reshape(-1, per_replica))).map(batch)
 
     return distribute(strategy, make), steps
 
@@ -109,6 +122,16 @@ class ReplicaLocalMetrics(keras.Sequential):
     pass `fit` replaces the step's logs with `get_metrics_result()`, read outside any replica:
     the all-worker totals, once per epoch, so epoch logs are the exact all-worker figures.
     """
+
+    scores_mirror_averaged = False  # --flips: validation scores as the test and export do
+
+    def test_step(self, data):
+        if not self.scores_mirror_averaged:
+            return super().test_step(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = mirror_averaged(self, x)
+        self.compute_loss(x, y, y_pred, sample_weight)
+        return self.compute_metrics(x, y, y_pred, sample_weight)
 
     def compute_metrics(self, x, y, y_pred, sample_weight):
         self.compiled_metrics.update_state(y, y_pred, sample_weight)
@@ -242,6 +265,7 @@ def train_loop_per_worker(config: dict) -> None:
             # The step outputs are replica-local (ReplicaLocalMetrics): take this worker's first
             # replica's, where tf-keras' "auto" sums them across workers, one collective each.
             model.distribute_reduction_method = "first"
+            model.scores_mirror_averaged = cfg.flips
             model.optimizer.build(model.trainable_variables)  # slots exist before a restore
             checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
         if ckpt_dir:
