@@ -1,10 +1,11 @@
 """`make seeds`: one recipe over several seeds, as `make train-local` runs it (full data, the
 job's CLI), and the table of what it scored.
 
-    python -m bench.seeds --recipe reference --seeds 0 1 2 3 4 --data data/fashion-mnist
+    python -m bench.seeds --recipe default --seeds 0 1 2 3 4 --data data/fashion-mnist
     python -m bench.seeds --recipe large-batch --seeds 0 1 2 -- --cpus-per-worker 1
 
-Each run is a fresh `python -m job train --recipe R --seed S` (flags after `--` are passed on);
+Each run is a fresh `python -m job train --recipe R --seed S` ("default": no --recipe, the
+defaults; flags after `--` are passed on);
 its metrics.json goes to OUT/<recipe>-seed<S>/, and the table (per seed, then mean ± sd and min)
 to OUT/<recipe>.md. Runs already in OUT are reused, so an interrupted study resumes.
 """
@@ -21,13 +22,15 @@ from pathlib import Path
 from job.config import RECIPES
 
 REPO = Path(__file__).resolve().parent.parent
+DEFAULT = "default"  # the defaults themselves: what `make train-local` runs
 
 
 def run_seed(recipe: str, seed: int, data: str, out: Path, flags: list[str]) -> dict:
     run = out / f"{recipe}-seed{seed}"
     if not (run / "metrics.json").exists():
         print(f"seeds: {recipe}, seed {seed}", flush=True)
-        subprocess.run([sys.executable, "-m", "job", "train", "--data", data, "--recipe", recipe,
+        preset = [] if recipe == DEFAULT else ["--recipe", recipe]
+        subprocess.run([sys.executable, "-m", "job", "train", "--data", data, *preset,
                         "--seed", str(seed), "--output", str(run), "--storage-path",
                         str(out / "checkpoints"), *flags], cwd=REPO, check=True)
     return json.loads((run / "metrics.json").read_text())
@@ -37,17 +40,17 @@ def table(recipe: str, runs: dict[int, dict]) -> str:
     acc = [m["test_accuracy"] for m in runs.values()]
     rows = [f"| {seed} | {m['test_accuracy']:.4f} | {m['test_loss']:.4f} | {m['best_epoch']} | "
             f"{m['optimizer_steps']} | {m['wall_seconds']:.0f} |" for seed, m in runs.items()]
+    name = "the defaults" if recipe == DEFAULT else f"`--recipe {recipe}`"
     spread = f"{statistics.mean(acc):.4f} ± {statistics.stdev(acc):.4f}" if len(acc) > 1 else f"{acc[0]:.4f}"
     return "\n".join([
-        f"`--recipe {recipe}`: test accuracy {spread} (mean ± sd), min {min(acc):.4f}, "
-        f"over {len(acc)} seed(s)", "",
+        f"{name}: test accuracy {spread} (mean ± sd), min {min(acc):.4f}, over {len(acc)} seed(s)", "",
         "| seed | test accuracy | test loss | best epoch | optimizer steps (best) | wall s |",
         "| --- | --- | --- | --- | --- | --- |", *rows, ""])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", choices=tuple(RECIPES), default="reference")
+    parser.add_argument("--recipe", choices=(DEFAULT, *RECIPES), default=DEFAULT)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--data", default=str(REPO / "data" / "fashion-mnist"))
     parser.add_argument("--out", default=str(REPO / "runs" / "seeds"))

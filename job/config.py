@@ -23,7 +23,7 @@ LR_SCHEDULES = ("constant", "cosine")
 RECIPES = {
     # The reference notebook's training, exactly (today also the defaults).
     "reference": {"model": "seed", "batch_size": 64, "learning_rate": 1e-3, "lr_schedule": "constant",
-                  "warmup_epochs": 0, "flips": False, "epochs": 10},
+                  "warmup_epochs": 0, "adam_beta2": 0.999, "flips": False, "epochs": 10},
     "large-batch": {"batch_size": 1024, "learning_rate": 4e-3, "lr_schedule": "cosine",
                     "warmup_epochs": 1, "epochs": 20},
 }
@@ -66,6 +66,8 @@ class JobConfig:
     lr_schedule: str = setting("constant", "constant or cosine (decay to 1 % over the run; "
                                            "strong always decays)")
     warmup_epochs: int = setting(0, "linear learning-rate warm-up from 0 over this many epochs")
+    adam_beta2: float = setting(0.999, "Adam's second-moment decay; its memory, 1/(1 - beta2) "
+                                       "steps, should be well below the run's length")
     flips: bool = setting(False, "train on left-right mirrored images (half, drawn from the seed); "
                                  "validation, test and the exported model average each image's "
                                  "and its mirror's predictions")
@@ -109,6 +111,7 @@ class JobConfig:
                f"evenly across {w} worker(s), a size the run may have")
               for w in self.world_sizes if w >= 1),
             (self.learning_rate > 0, f"--learning-rate must be > 0 (got {self.learning_rate})"),
+            (0 < self.adam_beta2 < 1, f"--adam-beta2 must be in (0, 1) (got {self.adam_beta2})"),
             (self.steps_per_execution >= 1,
              f"--steps-per-execution must be >= 1 (got {self.steps_per_execution})"),
             (self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})"),
@@ -191,7 +194,7 @@ def fast_path_settings(chosen: dict) -> dict:
 # Settings that define the trained model (and therefore the default run name).
 TRAINING_FIELDS = (
     "data", "model", "epochs", "num_workers", "batch_size", "learning_rate", "lr_schedule",
-    "warmup_epochs", "flips", "seed", "use_gpu", "jit_compile", "mixed_precision",
+    "warmup_epochs", "adam_beta2", "flips", "seed", "use_gpu", "jit_compile", "mixed_precision",
 )
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(JobConfig) if f.name != "extra")
 

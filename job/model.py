@@ -83,7 +83,7 @@ def scored_model(model: keras.Model, flips: bool) -> keras.Model:
 
 def build_model(name: str, learning_rate: float, steps_per_epoch: int = 0, epochs: int = 0,
                 jit_compile: bool = False, lr_schedule: str = "constant",
-                warmup_epochs: int = 0, steps_per_execution: int = 1,
+                warmup_epochs: int = 0, steps_per_execution: int = 1, adam_beta2: float = 0.999,
                 sequential=keras.Sequential) -> keras.Model:
     """Build and compile a model. Given the run's length (steps_per_epoch, epochs), the learning
     rate warms up linearly over `warmup_epochs`, then stays (constant) or decays to 1 % (cosine;
@@ -102,7 +102,7 @@ def build_model(name: str, learning_rate: float, steps_per_epoch: int = 0, epoch
             alpha=0.01 if cosine else 1.0,
             warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate, beta_2=adam_beta2),
         loss="categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=jit_compile,

@@ -261,7 +261,8 @@ def train_loop_per_worker(config: dict) -> None:
         with strategy.scope():
             model = build_model(cfg.model, cfg.learning_rate, train_steps, cfg.epochs,
                                 cfg.jit_compile, cfg.lr_schedule, cfg.warmup_epochs,
-                                cfg.steps_per_execution, sequential=ReplicaLocalMetrics)
+                                cfg.steps_per_execution, cfg.adam_beta2,
+                                sequential=ReplicaLocalMetrics)
             # The step outputs are replica-local (ReplicaLocalMetrics): take this worker's first
             # replica's, where tf-keras' "auto" sums them across workers, one collective each.
             model.distribute_reduction_method = "first"
