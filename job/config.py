@@ -227,6 +227,9 @@ def build_config(file_values: dict, flag_values: dict) -> JobConfig:
         known["max_failures"] = ELASTIC_MAX_FAILURES
     if known.get("fast"):
         known = {**fast_path_settings(known), **known}
+    if "warmup_epochs" not in merged:  # a warm-up the user did not ask for fits a shorter run
+        epochs = known.get("epochs", DEFAULTS.epochs)
+        known["warmup_epochs"] = max(0, min(known.get("warmup_epochs", DEFAULTS.warmup_epochs), epochs - 1))
     if not known.get("ray_address"):
         known["ray_address"] = os.environ.get("RAY_ADDRESS", "")
     try:

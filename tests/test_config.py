@@ -16,10 +16,21 @@ from job.config import (
 )
 
 
-def test_defaults_are_the_reference_recipe():
-    cfg = JobConfig(data="d")
-    assert (cfg.epochs, cfg.batch_size, cfg.num_workers, cfg.model, cfg.learning_rate) == (
-        10, 64, 2, "seed", 1e-3)
+def test_defaults_train_the_reference_model_as_long_and_the_reference_recipe_is_the_notebook():
+    cfg = build_config({}, {"data": "d"})
+    assert (cfg.epochs, cfg.batch_size, cfg.num_workers, cfg.model) == (10, 64, 2, "seed")
+    assert (cfg.learning_rate, cfg.lr_schedule, cfg.warmup_epochs, cfg.flips) == (4e-3, "cosine", 1, False)
+    reference = build_config({}, {"data": "d", "recipe": "reference"})
+    assert (reference.epochs, reference.batch_size, reference.model, reference.learning_rate,
+            reference.lr_schedule, reference.warmup_epochs, reference.adam_beta2, reference.flips) == (
+        10, 64, "seed", 1e-3, "constant", 0, 0.999, False)
+
+
+def test_a_warm_up_the_user_did_not_ask_for_fits_a_shorter_run():
+    assert build_config({}, {"data": "d", "epochs": 1}).warmup_epochs == 0
+    assert build_config({}, {"data": "d", "epochs": 2}).warmup_epochs == 1
+    with pytest.raises(JobError, match="--warmup-epochs must be in"):
+        build_config({}, {"data": "d", "epochs": 1, "warmup_epochs": 1})
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -29,6 +40,7 @@ def test_defaults_are_the_reference_recipe():
     ("batch_size", 63, "must divide evenly across 2 worker"),
     ("min_workers", 3, r"--min-workers 3 must be in \[1, --num-workers 2\]"),
     ("learning_rate", 0.0, "--learning-rate must be > 0"),
+    ("adam_beta2", 1.0, "--adam-beta2 must be in"),
     ("model", "resnet", "--model must be one of"),
     ("max_failures", -2, "--max-failures must be >= -1"),
     ("mixed_precision", True, "--mixed-precision needs --use-gpu"),
@@ -118,7 +130,8 @@ def test_fast_path_on_cpu_is_a_bigger_batch_with_a_scaled_learning_rate():
     batch = FAST_BATCH_PER_WORKER * 2
     assert batch > JobConfig(data="d").batch_size
     assert (cfg.batch_size, cfg.jit_compile, cfg.mixed_precision) == (batch, False, False)
-    assert cfg.learning_rate == pytest.approx(1e-3 * (batch / 64) ** 0.5)
+    assert cfg.learning_rate == pytest.approx(1e-3 * (batch / 64) ** 0.5)  # the reference's, scaled
+    assert (cfg.lr_schedule, cfg.warmup_epochs) == ("constant", 0)
     assert cfg.epochs == FAST_EPOCHS  # fewer steps per epoch, a few more epochs
     assert cfg.run_name != build_config({}, {"data": "d"}).run_name
 
