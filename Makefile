@@ -47,7 +47,7 @@ bench: setup fashion-mnist-source
 	$(PY) -m bench.run $(if $(CHECK),--check)
 
 # One recipe over seeds, full data, as train-local runs it: the table of test accuracy (mean, sd,
-# min), steps and wall time -> runs/seeds/RECIPE.md (~6 min a seed of the reference here).
+# min), steps and wall time -> runs/seeds/RECIPE.md (~5 min a seed of the default here).
 RECIPE ?= default
 SEEDS   ?= 0 1 2 3 4
 seeds: data
