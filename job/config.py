@@ -26,7 +26,7 @@ RECIPES = {
                   "warmup_epochs": 0, "adam_beta2": 0.999, "flips": False, "epochs": 10},
     # 460 steps (46 an epoch): Adam's second-moment memory (1 / (1 - beta2) steps) shortened to
     # 100, the 0.999 of batch 64 would span twice the run.
-    "large-batch": {"model": "seed", "batch_size": 1024, "learning_rate": 1.2e-2,
+    "large-batch": {"model": "seed", "batch_size": 1024, "learning_rate": 2e-2,
                     "lr_schedule": "cosine", "warmup_epochs": 1, "adam_beta2": 0.99, "flips": False,
                     "epochs": 10},
     # The stronger CNN as it was measured for the nightly promotion floor (k8s/job.toml).

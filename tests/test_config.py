@@ -163,7 +163,7 @@ def test_the_users_own_values_beat_the_fast_path(tmp_path):
 def test_large_batch_recipe_is_a_preset_the_users_values_beat():
     cfg = build_config({}, {"data": "d", "recipe": "large-batch"})
     assert (cfg.batch_size, cfg.learning_rate, cfg.lr_schedule, cfg.warmup_epochs, cfg.adam_beta2,
-            cfg.epochs) == (1024, 1.2e-2, "cosine", 1, 0.99, 10)
+            cfg.epochs) == (1024, 2e-2, "cosine", 1, 0.99, 10)
     assert cfg.epochs * (48_000 // cfg.batch_size) <= 470  # optimizer steps: 1/16 of the reference
     assert build_config({}, {"data": "d", "recipe": "large-batch", "epochs": 12}).epochs == 12
     assert cfg.run_name != build_config({}, {"data": "d"}).run_name
