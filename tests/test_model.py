@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-from job.model import MODELS, build_model
+from job.model import MODELS, build_model, scored_model
 
 
 def test_seed_model_matches_the_reference_parameter_count():
@@ -36,3 +36,23 @@ def test_mixed_precision_keeps_float32_variables_and_outputs():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "float16 float32 float32"
+
+
+def test_adam_beta2_reaches_the_optimizer():
+    assert build_model("seed", 1e-3, adam_beta2=0.99).optimizer.beta_2 == 0.99
+
+
+def test_the_mirror_averaged_model_scores_an_image_as_its_mirror_and_reloads_the_same(tmp_path):
+    import tf_keras as keras
+
+    images = np.random.default_rng(0).random((4, 28, 28, 1), dtype=np.float32)
+    model = build_model("seed", 1e-3)
+    scored = scored_model(model, flips=True)
+    assert scored_model(model, flips=False) is model and scored.count_params() == model.count_params()
+    probs = scored.predict(images, verbose=0)
+    expected = (model.predict(images, verbose=0) + model.predict(images[:, :, ::-1], verbose=0)) / 2
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(scored.predict(images[:, :, ::-1], verbose=0), probs, rtol=1e-5, atol=1e-7)
+    scored.save(tmp_path / "model")  # the export: a SavedModel that tf-keras reloads
+    reloaded = keras.models.load_model(tmp_path / "model")
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0), probs, rtol=1e-5, atol=1e-7)
