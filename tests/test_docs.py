@@ -108,3 +108,15 @@ def test_flags_reach_the_job(target):
 def test_k8s_render_needs_only_pyyaml():
     out = make_dry_run("-B", "k8s-render")
     assert "pip install -q 'pyyaml>=6'" in out and "-e '.[dev]'" not in out
+
+
+def test_the_promotion_floor_is_the_strong_models_measured_minimum_less_its_margin():
+    import math
+    import tomllib
+
+    section = Path(REPO, "docs", "recipes.md").read_text().split("## strong")[1]
+    measured = [float(a) for a in re.findall(r"^\| \d \| (0\.\d{4}) \|", section, re.M)]
+    margin = float(re.search(r"less a\s+margin of (0\.\d+)", section).group(1))
+    floor = tomllib.loads(Path(REPO, "k8s", "job.toml").read_text())["min_accuracy"]
+    assert len(measured) >= 3 and f"min {min(measured):.4f}" in section
+    assert floor == math.floor((min(measured) - margin) * 100) / 100  # rounded down, two decimals
