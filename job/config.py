@@ -21,7 +21,7 @@ LR_SCHEDULES = ("constant", "cosine")
 # what each scores over seeds; `make seeds RECIPE=...` measures one). "large-batch": few, large
 # optimizer steps (GPU time per epoch is about proportional to steps); `--fast --use-gpu` uses it.
 RECIPES = {
-    # The reference notebook's training, exactly (today also the defaults).
+    # The reference notebook's training, exactly.
     "reference": {"model": "seed", "batch_size": 64, "learning_rate": 1e-3, "lr_schedule": "constant",
                   "warmup_epochs": 0, "adam_beta2": 0.999, "flips": False, "epochs": 10},
     # 460 steps (46 an epoch): Adam's second-moment memory (1 / (1 - beta2) steps) shortened to

@@ -62,6 +62,8 @@ def partitioned_dataset(strategy, cfg: JobConfig, manifest: dict, split: str, ep
     micro = cfg.batch_size // len(names)
     steps = min(rows) // micro
 
+    mirrors = cfg.flips and epochs is not None  # --flips: training images only
+
     def order(epoch: int | None, partition: int) -> tuple[np.ndarray, np.ndarray]:
         """(steps, micro) row indices, and which of those rows are mirrored (--flips)."""
         if epoch is None:
@@ -69,7 +71,7 @@ def partitioned_dataset(strategy, cfg: JobConfig, manifest: dict, split: str, ep
         else:
             rng = np.random.default_rng([cfg.seed, epoch, partition])
             drawn = rng.permutation(rows[partition])
-            mirrored = rng.random(rows[partition]) < 0.5 if cfg.flips else np.zeros_like(drawn, bool)
+            mirrored = rng.random(rows[partition]) < 0.5 if mirrors else np.zeros_like(drawn, bool)
         return drawn[: steps * micro].reshape(steps, micro), mirrored[: steps * micro].reshape(steps, micro)
 
     def make(ctx: tf.distribute.InputContext):
@@ -84,13 +86,14 @@ def partitioned_dataset(strategy, cfg: JobConfig, manifest: dict, split: str, ep
         per_replica = batches.shape[1] // (strategy.num_replicas_in_sync // ctx.num_input_pipelines)
         images, labels = (np.concatenate(arrays) for arrays in zip(*parts.values(), strict=True))
 
-        def batch(rows, mirror):
+        def batch(rows, mirror=None):  # the mirror mask only where --flips mirrors: no work else
             picked = tf.gather(images, rows)
-            return normalize(tf.where(mirror[:, None, None, None], tf.reverse(picked, [2]), picked),
-                             tf.gather(labels, rows))
+            if mirror is not None:
+                picked = tf.where(mirror[:, None, None, None], tf.reverse(picked, [2]), picked)
+            return normalize(picked, tf.gather(labels, rows))
 
-        return tf.data.Dataset.from_tensor_slices(
-            (batches.reshape(-1, per_replica), mirrored.reshape(-1, per_replica))).map(batch)
+        slices = batches.reshape(-1, per_replica), mirrored.reshape(-1, per_replica)
+        return tf.data.Dataset.from_tensor_slices(slices if mirrors else slices[:1]).map(batch)
 
     return distribute(strategy, make), steps
 
