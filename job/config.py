@@ -100,6 +100,9 @@ class JobConfig:
     time_budget: int = setting(0, "seconds: past this the driver stops training and exits 2, "
                                   "writing and promoting nothing (0: none); keep it below a "
                                   "RayJob's activeDeadlineSeconds")
+    storage_timeout: int = setting(180, "seconds without a completed write to --storage-path "
+                                        "(a stalled NFS/EFS) before the driver stops the run and "
+                                        "exits 2 (0: wait for ever)")
     promote_to: str = setting("", "models dir: make this run MODELS/current if it passes the "
                                   "checks below")
     min_accuracy: float = setting(0.90, "promotion floor on test accuracy")
@@ -124,6 +127,8 @@ class JobConfig:
             (self.progress_seconds >= 0,
              f"--progress-seconds must be >= 0 (got {self.progress_seconds})"),
             (self.time_budget >= 0, f"--time-budget must be >= 0 (got {self.time_budget})"),
+            (self.storage_timeout >= 0,
+             f"--storage-timeout must be >= 0 (got {self.storage_timeout})"),
             (self.keep_checkpoints >= 0,
              f"--keep-checkpoints must be >= 0 (got {self.keep_checkpoints})"),
             (self.max_failures >= -1, f"--max-failures must be >= -1 (got {self.max_failures})"),

@@ -15,6 +15,15 @@ import os
 import sys
 from dataclasses import dataclass
 
+from job.health import (
+    EpochComputeTimes,
+    StepTime,
+    StragglerWatch,
+    WorkerGroupFailure,
+    WorkerStarted,
+    describe_failure,
+)
+
 LIVE_SECONDS = 0.5  # how often rank 0 sends progress for a live terminal line
 
 
@@ -36,13 +45,6 @@ class Progress:
                 f"loss {self.loss:.4f} acc {self.accuracy:.4f} ({self.seconds:.0f}s, ETA {eta:.0f}s)")
 
 
-@dataclass(frozen=True)
-class WorkerGroupFailure:
-    """A failure Ray Train reported (it restarts the group if --max-failures allows): one line."""
-
-    line: str
-
-
 def is_live(stream) -> bool:
     """A terminal with a width: a live line can be redrawn there (a 0-column pty cannot)."""
     try:
@@ -59,23 +61,50 @@ def progress_interval(progress_seconds: float, stream=None) -> float:
 
 
 class Console:
-    """Prints the job's lines and progress messages, in the order they arrive."""
+    """Prints the job's lines and the workers' messages, in the order they arrive, and keeps
+    what metrics.json records of them: the failures and every worker's compute time per step.
 
-    def __init__(self, run_name: str, stream=None):
+    `after_failure(count, epoch)` says what happens after the count-th failure (a restart, or
+    none left), given the last epoch checkpointed before it (None: not known to this driver).
+    """
+
+    def __init__(self, run_name: str, stream=None, after_failure=None):
         self.run_name, self.stream = run_name, stream or sys.stdout
+        self.after_failure = after_failure or (lambda count, epoch: "")
         self.live = is_live(self.stream)
         self.bar = None  # the live line of the epoch in progress (terminal only)
-        self.failures = 0  # WorkerGroupFailure messages shown
+        self.addresses = {}  # rank -> node address, of the group that runs now
+        self.failures = []  # one record per failure Ray reported: metrics.json
+        self.compute_ms = []  # per epoch: every worker's compute ms per step
+        self.stragglers = StragglerWatch()
 
     def show(self, message) -> None:
         if isinstance(message, Progress):
             self.progress(message)
-            return
-        if isinstance(message, WorkerGroupFailure):
-            self.failures += 1
-            message = message.line
+        elif isinstance(message, WorkerStarted):
+            self.addresses[message.rank] = message.address
+        elif isinstance(message, StepTime):
+            line = self.stragglers.add(message, self.addresses.get(message.rank, "?"))
+            if line:
+                self.print(f"[{self.run_name}] {line}")
+        elif isinstance(message, EpochComputeTimes):
+            self.compute_ms.append({"epoch": message.epoch, "ms": message.ms})
+        elif isinstance(message, WorkerGroupFailure):
+            self.failed(message)
+        else:
+            self.print(message)
+
+    def failed(self, failure: WorkerGroupFailure) -> None:
+        what, causes = describe_failure(failure.errors, self.addresses)
+        after = self.after_failure(len(self.failures) + 1, failure.epoch)
+        self.failures.append({"what": what, "causes": causes, "next": after,
+                              "after_epoch": failure.epoch})
+        self.stragglers.restart()
+        self.print(f"[{self.run_name}] worker group failed: {what}; {after}")
+
+    def print(self, line: str) -> None:
         self.close_bar()
-        print(message, file=self.stream, flush=True)
+        print(line, file=self.stream, flush=True)
 
     def progress(self, p: Progress) -> None:
         if not self.live:

@@ -14,10 +14,12 @@ import socket
 import tempfile
 import threading
 import time
+from functools import partial
 
 from job import data as D
 from job.config import JobConfig, JobError
 from job.env import job_env
+from job.health import StorageWatch, stop_now
 from job.results import METRICS_FILE, check_output_dir, score, write_json_atomically, write_output
 from job.runlock import data_lock, output_lock, run_lock
 
@@ -30,6 +32,8 @@ PLACEMENT_ATTEMPTS = 10
 RAY_LOGS = "/tmp/ray/session_latest/logs"
 # TensorFlow's native start-up lines in the driver (see workarounds.native_stderr_to).
 DRIVER_TF_LOG = os.path.join(tempfile.gettempdir(), "fashion-job-driver-tensorflow.log")
+# The cluster's error messages Ray would print into the console (see workarounds.cluster_errors_to).
+DRIVER_RAY_LOG = os.path.join(tempfile.gettempdir(), "fashion-job-driver-ray-errors.log")
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -51,9 +55,12 @@ def start_ray(cfg: JobConfig) -> None:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
+    from job.workarounds import cluster_errors_to
+
     # The console shows the job's own lines: Ray's at ERROR only, and no stream of the workers'
     # and Ray Train controller's output (TensorFlow's C++ start-up lines, Ray's actor warnings).
     # That output stays in Ray's log files (RAY_LOGS); a failure's error is raised here.
+    cluster_errors_to(DRIVER_RAY_LOG)  # the job's own failure lines stand for them
     quiet = {"logging_config": ray.LoggingConfig(log_level="ERROR"), "log_to_driver": False}
     if cfg.ray_address:
         check_reachable(cfg.ray_address)
@@ -76,7 +83,8 @@ def fit(cfg: JobConfig):
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from job.console import Console, WorkerGroupFailure, progress_interval
+    from job.console import Console, progress_interval
+    from job.health import EpochComputeTimes, WorkerGroupFailure
     from job.workarounds import native_stderr_to
 
     with native_stderr_to(DRIVER_TF_LOG):  # TensorFlow's import and device discovery
@@ -93,23 +101,27 @@ def fit(cfg: JobConfig):
     epoch_lines = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
     class EpochSummary(ray.train.UserCallback):
-        """One line per epoch and per resize, sent from Ray's train controller to the driver."""
+        """One line per epoch and per resize, and each failure as Ray reported it, sent from
+        Ray's train controller to the driver."""
 
         world_size = None  # of the epoch before
+        epoch = None  # the last one checkpointed
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0]
             if self.world_size not in (None, m["world_size"]):
                 epoch_lines.put(f"[{cfg.run_name}] resized: {self.world_size} -> {m['world_size']} "
                                 f"worker(s) (elastic), from epoch {m['epoch']}")
-            self.world_size = m["world_size"]
+            self.world_size, self.epoch = m["world_size"], m["epoch"]
+            epoch_lines.put(EpochComputeTimes(m["epoch"], [round(w.get("compute_ms_per_step", 0), 2)
+                                                           for w in metrics]))
             epoch_lines.put(f"[{cfg.run_name}] epoch {m['epoch']}/{cfg.epochs}: loss {m['loss']:.4f} "
                             f"acc {m['accuracy']:.4f} val_loss {m['val_loss']:.4f} "
                             f"val_acc {m['val_accuracy']:.4f} ({m['epoch_seconds']:.1f}s)")
 
         def after_exception(self, run_context, worker_exceptions):
-            first = str(next(iter(worker_exceptions.values()), "")).strip().splitlines() or [""]
-            epoch_lines.put(WorkerGroupFailure(f"[{cfg.run_name}] worker group failed: {first[-1]}"))
+            epoch_lines.put(WorkerGroupFailure({rank: str(e) for rank, e in worker_exceptions.items()},
+                                               self.epoch))
 
     trainer = TensorflowTrainer(
         train_loop_per_worker,
@@ -138,19 +150,42 @@ def fit(cfg: JobConfig):
             logging_config=ray.train.LoggingConfig(log_level="ERROR"),
         ),
     )
-    console = Console(cfg.run_name)
+    console = Console(cfg.run_name, after_failure=partial(after_failure, cfg))
     printer = threading.Thread(target=console.print_until_none, args=(epoch_lines,), daemon=True)
     printer.start()
+
+    def print_the_rest():
+        if printer.is_alive():
+            epoch_lines.put(None)
+            printer.join()
+
     try:
-        return trainer.fit(), console.failures
+        result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        failures = getattr(e, "worker_failures", {}) or {}
-        first = next(iter(failures.values()), e)
-        raise JobError(f"training failed: {str(first).strip().splitlines()[-1]} (workers' full "
-                       f"logs: {RAY_LOGS} on their nodes)") from None
+        print_the_rest()  # the failure Ray reported last, described
+        what = console.failures[-1]["what"] if console.failures else last_line(e)
+        raise JobError(f"training failed: {what} (workers' full logs: {RAY_LOGS} on their "
+                       f"nodes)") from None
     finally:
-        epoch_lines.put(None)
-        printer.join()
+        print_the_rest()
+    return result, console
+
+
+def last_line(error: Exception) -> str:
+    failures = getattr(error, "worker_failures", {}) or {}
+    return str(next(iter(failures.values()), error)).strip().splitlines()[-1]
+
+
+def after_failure(cfg: JobConfig, count: int, epoch: int | None) -> str:
+    """What Ray Train does after the count-th failure of a worker group (FailureConfig)."""
+    if cfg.max_failures != -1 and count > cfg.max_failures:
+        return f"no restarts left (--max-failures {cfg.max_failures})"
+    where = f"from epoch {epoch + 1}" if epoch is not None else "from the last checkpoint"
+    attempt = f"attempt {count + 1}" + (f" of {cfg.max_failures + 1}" if cfg.max_failures != -1 else "")
+    if len(cfg.world_sizes) > 1:
+        return (f"restarting {where} with {cfg.world_sizes[0]}-{cfg.num_workers} worker(s), as "
+                f"many as Ray can place (elastic; {attempt})")
+    return f"restarting {where} ({attempt})"
 
 
 def best_checkpoint(result):
@@ -248,9 +283,14 @@ def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float, budget: T
     print(f"[{cfg.run_name}] training {cfg.model} on {workers} worker(s), "
           f"global batch {cfg.batch_size}, {cfg.epochs} epoch(s); checkpoints in "
           f"{cfg.storage_path}/{cfg.run_name}", flush=True)
+    def storage_stalled(seconds: float) -> None:
+        stop_now(f"error: the storage at {cfg.storage_path} has not completed a write for "
+                 f"{seconds:.0f} s (--storage-timeout {cfg.storage_timeout}): run stopped, nothing "
+                 f"written or promoted (a rerun resumes from the last checkpoint once it answers)")
+
     try:
-        with budget.aborting():
-            result, failures = fit(cfg)
+        with budget.aborting(), StorageWatch(cfg.storage_path, cfg.storage_timeout, storage_stalled):
+            result, console = fit(cfg)
     finally:
         import ray
 
@@ -280,7 +320,9 @@ def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float, budget: T
         "resizes": [{"epoch": h["epoch"], "from": a, "to": b}
                     for h, a, b in zip(history[1:], sizes, sizes[1:], strict=False) if a != b],
         "restarts": len(state["starts"]) - 1,  # starts that resumed: restarts, driver reruns
-        "worker_group_failures": failures,  # as Ray reported them to this driver, retried or not
+        # As Ray reported them to this driver, retried or not: workers, cause, what came next.
+        "worker_group_failures": console.failures,
+        "compute_ms_per_step": console.compute_ms,  # every worker's, each epoch (stragglers)
         "resumed_from_epochs": [s for s in state["starts"] if s > 0],
         "history": history,
         "per_class_accuracy": test["per_class_accuracy"],

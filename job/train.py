@@ -22,6 +22,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from job import data as D
+from job import health
 from job.config import JobConfig
 from job.console import Progress
 from job.gpu import check_worker_gpus
@@ -127,6 +128,30 @@ class ReplicaLocalMetrics(keras.Sequential):
     """
 
     scores_mirror_averaged = False  # --flips: validation scores as the test and export do
+    compute_seconds = None  # a local float64 variable: this worker's compute time (job/health.py)
+
+    @tf.__internal__.tracking.no_automatic_dependency_tracking
+    def time_compute_into(self, variable: tf.Variable) -> None:
+        self.compute_seconds = variable  # not tracked: no part of the checkpoint
+
+    def train_step(self, data):
+        """tf-keras' step (forward, loss, gradients, apply), split where the gradients exist:
+        the time before that split is this worker's compute; the all-reduce starts after it,
+        inside apply_gradients, and its wait for slower peers is left out."""
+        if self.compute_seconds is None:
+            return super().train_step(data)
+        started = tf.timestamp()
+        with tf.control_dependencies([started]):
+            data = tf.nest.map_structure(tf.identity, data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x, y, y_pred, sample_weight)
+        grads_and_vars = self.optimizer.compute_gradients(loss, self.trainable_variables, tape)
+        with tf.control_dependencies([g for g, _ in grads_and_vars if g is not None]):
+            self.compute_seconds.assign_add(tf.timestamp() - started)
+        self.optimizer.apply_gradients(grads_and_vars)
+        return self.compute_metrics(x, y, y_pred, sample_weight)
 
     def test_step(self, data):
         if not self.scores_mirror_averaged:
@@ -237,6 +262,8 @@ def train_loop_per_worker(config: dict) -> None:
     absl.logging.set_verbosity(absl.logging.ERROR)
     logging.getLogger().setLevel(logging.WARNING)  # Ray Train's INFO lines, e.g. each report
     rank = ray.train.get_context().get_world_rank()
+    if progress_queue is not None:
+        health.announce(progress_queue, rank)  # the driver names workers by rank and address
     if cfg.use_gpu:  # before anything else: a GPU run must not fall back to the CPU silently
         check_worker_gpus(rank, ray.get_gpu_ids())
         # cuDNN and cuBLAS otherwise pick non-deterministic kernels: resumption would not be exact.
@@ -260,6 +287,8 @@ def train_loop_per_worker(config: dict) -> None:
         # Keras makes a new iterator over the validation set for every epoch: one pass is enough.
         val_ds, val_steps = partitioned_dataset(strategy, cfg, manifest, "val", None)
 
+        # Outside the scope: a plain variable of this worker's own (health.StepTimer reads it).
+        compute_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
         # Variables created inside the scope are mirrored on every replica and kept in sync.
         with strategy.scope():
             model = build_model(cfg.model, cfg.learning_rate, train_steps, cfg.epochs,
@@ -271,6 +300,7 @@ def train_loop_per_worker(config: dict) -> None:
             model.distribute_reduction_method = "first"
             model.scores_mirror_averaged = cfg.flips
             model.optimizer.build(model.trainable_variables)  # slots exist before a restore
+            model.time_compute_into(compute_seconds)
             checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
         if ckpt_dir:
             checkpoint.read(os.path.join(ckpt_dir, WEIGHTS_PREFIX)).assert_consumed()
@@ -282,7 +312,11 @@ def train_loop_per_worker(config: dict) -> None:
         steps_per_epoch=train_steps,
         validation_data=val_ds,
         validation_steps=val_steps,
-        callbacks=[SeedRandomLayersEachEpoch(cfg.seed), ReportEachEpoch(checkpoint, state),
+        callbacks=[SeedRandomLayersEachEpoch(cfg.seed),
+                   # before ReportEachEpoch, which reports the epoch's compute_ms_per_step
+                   *([health.step_timer_callback(progress_queue, rank, compute_seconds)]
+                     if progress_queue is not None else []),
+                   ReportEachEpoch(checkpoint, state),
                    *([ProgressToDriver(progress_queue, progress_every)]
                      if progress_every and rank == 0 else [])],
         verbose=0,  # the driver prints one line per epoch (driver.EpochSummary)

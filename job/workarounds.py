@@ -48,6 +48,24 @@ def native_stderr_to(path: str):
         os.close(saved)
 
 
+def cluster_errors_to(path: str) -> None:
+    """Send the cluster's error messages, which Ray prints into every driver's console, to `path`.
+
+    Cause: a Ray driver prints whatever the GCS publishes as an error (listen_error_messages in
+    ray/_private/worker.py), `log_to_driver=False` or not: a lost node alone brings ~45 lines of
+    raylet internals ("(raylet) The node ... has been marked dead", "Raylet is terminated ...
+    [state-dump] ..."). The job describes each failure itself (job/health.py); the raylets'
+    own logs keep theirs. Call before ray.init.
+    """
+    import ray._private.worker as ray_worker
+
+    def to_file(data, ignore_prefix):
+        with open(path, "a") as log:
+            ray_worker.print_worker_logs(data, log, ignore_prefix)
+
+    ray_worker.print_to_stdstream = to_file
+
+
 def keep_collectives_on_loopback() -> None:
     """Point TF_CONFIG at 127.0.0.1 when this Ray node lives on loopback.
 

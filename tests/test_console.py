@@ -9,7 +9,8 @@ import termios
 
 import pytest
 
-from job.console import LIVE_SECONDS, Console, Progress, WorkerGroupFailure, progress_interval
+from job.console import LIVE_SECONDS, Console, Progress, progress_interval
+from job.health import WorkerGroupFailure, WorkerStarted
 
 STEP = Progress(epoch=2, epochs=10, step=300, steps=750, loss=0.41, accuracy=0.85, seconds=12.0)
 
@@ -44,16 +45,18 @@ def shown(leader: int) -> str:
 
 def test_off_a_terminal_each_progress_message_is_one_plain_line():
     out = io.StringIO()
-    console = Console("run", out)
+    console = Console("run", out, after_failure=lambda count, epoch: f"failure {count} after {epoch}")
     console.show(STEP)
     console.show("[run] epoch 2/10: loss 0.4000 ...")
-    console.show(WorkerGroupFailure("[run] worker group failed: node died"))
+    console.show(WorkerStarted(1, "10.0.0.2"))
+    console.show(WorkerGroupFailure({0: "... The actor is dead because its worker process has died."}, 2))
     assert out.getvalue().splitlines() == [
         "[run] epoch 2/10: 300/750 steps, loss 0.4100 acc 0.8500 (12s, ETA 18s)",
         "[run] epoch 2/10: loss 0.4000 ...",
-        "[run] worker group failed: node died",
+        "[run] worker group failed: worker 0 on ?: its process died (killed, or crashed: see its "
+        "log); failure 1 after 2",
     ]
-    assert console.failures == 1  # metrics.json's worker_group_failures
+    assert [c["workers"] for f in console.failures for c in f["causes"]] == [[{"rank": 0, "address": None}]]
 
 
 def test_on_a_terminal_the_line_is_redrawn_then_replaced_by_the_summary(terminal):

@@ -1,0 +1,235 @@
+"""Health of a run: what failed and where, which worker is slow, whether storage still answers.
+
+- Workers: each announces its address when it starts (`WorkerStarted`) and times its own compute
+  per step, apart from its wait in the all-reduce (`ReplicaLocalMetrics.train_step` reads the
+  clock before the forward pass and after the gradients exist); `StepTimer` sends the mean every
+  REPORT_SECONDS to the driver's queue, like progress: no worker waits for another.
+- The driver names the failed worker(s) and the cause from the exceptions Ray Train reports
+  (`describe_failure`), and a straggler from the step times (`StragglerWatch`).
+- `StorageWatch`: a child process writes to --storage-path every PROBE_SECONDS; when no write
+  has completed for --storage-timeout seconds the driver ends the run with one line, without
+  waiting on workers that may be stuck in the kernel on that storage.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+REPORT_SECONDS = 2.0  # how often each worker sends its compute time per step
+STRAGGLER_RATIO = 1.5  # slower than the other workers' median by this much ...
+STRAGGLER_WINDOWS = 2  # ... in this many reports in a row: a straggler
+PROBE_SECONDS = 10.0  # storage: one small write this often
+
+
+@dataclass(frozen=True)
+class WorkerStarted:
+    """A worker of a (re)started group: its rank and the address of its node."""
+
+    rank: int
+    address: str
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """A worker's mean compute time per step over its last window of steps."""
+
+    rank: int
+    epoch: int
+    ms: float
+
+
+@dataclass(frozen=True)
+class EpochComputeTimes:
+    """Every worker's compute ms per step in one epoch, by rank."""
+
+    epoch: int
+    ms: list
+
+
+@dataclass(frozen=True)
+class WorkerGroupFailure:
+    """What Ray Train reported when a worker group failed: rank -> the exception's text, and the
+    last epoch checkpointed before it (the one a restart resumes after)."""
+
+    errors: dict
+    epoch: int
+
+
+# --- the worker side ---------------------------------------------------------------------------
+
+def announce(queue, rank: int) -> None:
+    import ray
+
+    queue.put_nowait(WorkerStarted(rank, ray.util.get_node_ip_address()))
+
+
+def step_timer_callback(queue, rank: int, compute_seconds):
+    """A Keras callback that sends this worker's compute ms per step every REPORT_SECONDS, and
+    adds the epoch's figure to the epoch logs (`compute_ms_per_step`, reported to Ray)."""
+    import tf_keras as keras
+
+    class StepTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch + 1
+            self.epoch_mark = self.mark = (time.monotonic(), float(compute_seconds.numpy()), 0)
+
+        def on_train_batch_end(self, batch, logs=None):
+            now = time.monotonic()
+            if now - self.mark[0] >= REPORT_SECONDS:
+                self.mark = self.send(self.mark, now, batch + 1)
+
+        def send(self, mark, now, steps):
+            total = float(compute_seconds.numpy())
+            if steps > mark[2]:
+                queue.put_nowait(StepTime(rank, self.epoch,
+                                          1000 * (total - mark[1]) / (steps - mark[2])))
+            return now, total, steps
+
+        def on_epoch_end(self, epoch, logs=None):
+            steps = self.params["steps"]
+            self.send(self.mark, time.monotonic(), steps)
+            total = float(compute_seconds.numpy())
+            logs["compute_ms_per_step"] = 1000 * (total - self.epoch_mark[1]) / steps
+
+    return StepTimer()
+
+
+# --- the driver side ---------------------------------------------------------------------------
+
+TASK = re.compile(r"/job:worker/replica:\d+/task:(\d+)")
+
+
+def causes(rank: int, text: str) -> list[tuple[tuple[int, ...], str]]:
+    """(workers, what happened to them) as one worker's exception tells it."""
+    if "node has died" in text or "node died" in text or "NodeDiedError" in text:
+        return [((rank,), "its node was declared dead (it missed Ray's heartbeats)")]
+    if "worker process has died" in text or "actor died unexpectedly" in text:
+        return [((rank,), "its process died (killed, or crashed: see its log)")]
+    silent = re.search(r"unhealthy \(stopped sending heartbeats\):((?:\s*/job:\S+)+)", text)
+    if silent:
+        peers = tuple(int(t) for t in TASK.findall(silent.group(1)))
+        return [(peers, f"stopped answering the all-reduce (no heartbeats, seen by worker {rank})")]
+    if "CoordinationService/Heartbeat" in text:
+        return [((rank, 0), f"lost contact (worker {rank}'s heartbeats to worker 0 got no answer)")]
+    remote = re.search(r"remote target " + TASK.pattern, text)
+    if remote:
+        return [((int(remote.group(1)),), f"dropped its connection to worker {rank} "
+                                          f"(its process went away)")]
+    last = [line.strip() for line in text.strip().splitlines() if line.strip()][-1:] or ["?"]
+    return [((rank,), f"failed: {last[0]}")]
+
+
+def describe_failure(errors: dict, addresses: dict) -> tuple[str, list[dict]]:
+    """One clause naming every worker involved, as `worker R on ADDRESS`, and the cause; and the
+    same as records for metrics.json. A process or node that died explains its peers' errors."""
+    found = [c for rank, text in sorted(errors.items()) for c in causes(rank, text)]
+    died = [c for c in found if c[1].startswith(("its node", "its process"))]
+    chosen = died or [c for c in found if not c[1].startswith("failed:")] or found
+    seen, clauses, records = set(), [], []
+    for ranks, cause in chosen:
+        if (ranks, cause.split(" (")[0]) in seen:
+            continue
+        seen.add((ranks, cause.split(" (")[0]))
+        who = " and ".join(f"worker {r} on {addresses.get(r, '?')}" for r in ranks)
+        clauses.append(f"{who}: {cause}")
+        records.append({"workers": [{"rank": r, "address": addresses.get(r)} for r in ranks],
+                        "cause": cause})
+    return "; ".join(clauses), records
+
+
+class StragglerWatch:
+    """Names a worker whose compute per step stays STRAGGLER_RATIO x above the median of the
+    other workers' (with two workers: the other's) for STRAGGLER_WINDOWS reports in a row."""
+
+    def __init__(self):
+        self.latest, self.streak, self.named = {}, {}, set()
+
+    def restart(self) -> None:
+        self.latest.clear()
+        self.streak.clear()
+
+    def add(self, t: StepTime, address: str) -> str | None:
+        self.latest[t.rank] = t.ms
+        others = [ms for rank, ms in self.latest.items() if rank != t.rank]
+        if not others:
+            return None
+        median = statistics.median(others)
+        slow = t.ms > STRAGGLER_RATIO * median
+        self.streak[t.rank] = self.streak.get(t.rank, 0) + 1 if slow else 0
+        if self.streak[t.rank] < STRAGGLER_WINDOWS or t.rank in self.named:
+            return None
+        self.named.add(t.rank)
+        return (f"straggler: worker {t.rank} on {address}: {t.ms:.0f} ms a step vs "
+                f"{median:.0f} ms (median of the others), epoch {t.epoch}")
+
+
+PROBE = """
+import os, sys, time
+path = os.path.join(sys.argv[1], f".storage-probe-{os.uname().nodename}-{os.getppid()}")
+while True:
+    if "://" in sys.argv[1]:
+        import pyarrow.fs as pafs
+        fs, p = pafs.FileSystem.from_uri(path)
+        with fs.open_output_stream(p) as f:
+            f.write(b"probe")
+        fs.delete_file(p)
+    else:
+        os.makedirs(sys.argv[1], exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"probe")
+            f.flush()
+            os.fsync(f.fileno())
+        os.unlink(path)
+    print("ok", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+class StorageWatch:
+    """While the block runs, a child process writes to `path` every PROBE_SECONDS; when none has
+    completed for `timeout` seconds, `on_stall(seconds)` is called (once). The child, not this
+    process, waits on the storage: a process stuck in the kernel on it cannot be killed."""
+
+    def __init__(self, path: str, timeout: float, on_stall):
+        self.path, self.timeout, self.on_stall = path, timeout, on_stall
+        self.last_ok = time.monotonic()
+        self.done = threading.Event()
+
+    def __enter__(self):
+        if not self.timeout:
+            return self
+        self.child = subprocess.Popen([sys.executable, "-c", PROBE, self.path, str(PROBE_SECONDS)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self.read, daemon=True).start()
+        threading.Thread(target=self.watch, daemon=True).start()
+        return self
+
+    def read(self) -> None:
+        for _ in self.child.stdout:
+            self.last_ok = time.monotonic()
+
+    def watch(self) -> None:
+        while not self.done.wait(1.0):
+            silent = time.monotonic() - self.last_ok
+            if silent > self.timeout:
+                self.on_stall(silent)
+                return
+
+    def __exit__(self, *exc):
+        self.done.set()
+        if self.timeout:
+            self.child.kill()  # not waited for: it may be stuck on the storage
+
+
+def stop_now(line: str, status: int = 2) -> None:
+    """Print `line` and end this process at once: no cleanup that could wait on stuck workers."""
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    os._exit(status)
