@@ -5,6 +5,7 @@ own address, for tests and for trying faults the way real clusters meet them (ne
     python -m cluster.hosts exec HOST -- CMD...   run CMD on HOST (head, w1, w2, ...)
     python -m cluster.hosts cut A B | heal A B    silently drop | restore the link between two hosts
     python -m cluster.hosts isolate H | rejoin H  take a host off the network | put it back
+    python -m cluster.hosts restart H             end a host's processes, start its Ray node again
     python -m cluster.hosts throttle H PERCENT    cap a host's CPU (100: no cap)
     python -m cluster.hosts shape H RATE          cap a host's link, e.g. 1gbit (0: no cap)
     python -m cluster.hosts down                  stop this cluster's processes, remove what up made
@@ -168,8 +169,7 @@ def host_pids(host: str) -> set[int]:
     return pids
 
 
-def down() -> None:
-    names = hosts()
+def stop_processes(names: list[str]) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for host in names:
             for pid in host_pids(host):
@@ -178,11 +178,29 @@ def down() -> None:
         deadline = time.monotonic() + 10
         while any(host_pids(h) for h in names) and time.monotonic() < deadline:
             time.sleep(0.2)
+
+
+def restart(host: str) -> None:
+    """A host whose Ray node was declared dead (off the network too long) stays dead: Ray does
+    not take a node back. Start a new one there."""
+    stop_processes([host])
+    start_ray(host)
+    wait_for_nodes(len(hosts()))
+
+
+def down() -> None:
+    names = hosts()
+    stop_processes(names)
     for host in names:
         sh("ip", "link", "del", port(host), check=False)
         sh("ip", "netns", "del", namespace(host), check=False)
         if cgroup(host).exists():
-            cgroup(host).rmdir()  # empty once its processes are gone
+            try:
+                cgroup(host).rmdir()  # empty once its processes are gone
+            except OSError:
+                left = host_pids(host)
+                raise HostsError(f"{host}: processes {sorted(left)} did not end (stuck in the "
+                                 f"kernel?); run `down` again once they have") from None
     sh("ip", "link", "del", bridge(), check=False)
     shutil.rmtree(STATE, ignore_errors=True)
     print(f"hosts cluster down ({len(names)} host(s))")
@@ -239,7 +257,7 @@ def main(argv=None) -> int:
         pair = verbs.add_parser(verb)
         pair.add_argument("a")
         pair.add_argument("b")
-    for verb in ("isolate", "rejoin"):
+    for verb in ("isolate", "rejoin", "restart"):
         verbs.add_parser(verb).add_argument("host")
     cap = verbs.add_parser("throttle")
     cap.add_argument("host")
@@ -267,6 +285,8 @@ def main(argv=None) -> int:
             cut(args.a, args.b, heal=args.verb == "heal")
         elif args.verb in ("isolate", "rejoin"):
             isolate(args.host, rejoin=args.verb == "rejoin")
+        elif args.verb == "restart":
+            restart(args.host)
         elif args.verb == "throttle":
             throttle(args.host, args.percent)
         elif args.verb == "shape":

@@ -106,18 +106,23 @@ def step_timer_callback(queue, rank: int, compute_seconds):
 TASK = re.compile(r"/job:worker/replica:\d+/task:(\d+)")
 
 
-def causes(rank: int, text: str) -> list[tuple[tuple[int, ...], str]]:
-    """(workers, what happened to them) as one worker's exception tells it."""
+def causes(rank: int, text: str, errors: dict) -> list[tuple[tuple[int, ...], str]]:
+    """(workers, what happened to them) as worker `rank`'s exception tells it. TensorFlow's
+    health check names the peers whose heartbeats stopped (the coordination service runs on
+    worker 0): a peer that reported no error of its own is frozen; two that blame each other
+    lost the link between them."""
     if "node has died" in text or "node died" in text or "NodeDiedError" in text:
         return [((rank,), "its node was declared dead (it missed Ray's heartbeats)")]
     if "worker process has died" in text or "actor died unexpectedly" in text:
         return [((rank,), "its process died (killed, or crashed: see its log)")]
     silent = re.search(r"unhealthy \(stopped sending heartbeats\):((?:\s*/job:\S+)+)", text)
-    if silent:
-        peers = tuple(int(t) for t in TASK.findall(silent.group(1)))
-        return [(peers, f"stopped answering the all-reduce (no heartbeats, seen by worker {rank})")]
-    if "CoordinationService/Heartbeat" in text:
-        return [((rank, 0), f"lost contact (worker {rank}'s heartbeats to worker 0 got no answer)")]
+    peers = ([int(t) for t in TASK.findall(silent.group(1))] if silent
+             else [0] if "CoordinationService/Heartbeat" in text else [])
+    if peers:
+        return [((rank, peer), "lost contact with each other (no heartbeats either way: the link "
+                               "between them)") if peer in errors else
+                ((peer,), f"stopped answering the all-reduce (no heartbeats, seen by worker {rank})")
+                for peer in peers]
     remote = re.search(r"remote target " + TASK.pattern, text)
     if remote:
         return [((int(remote.group(1)),), f"dropped its connection to worker {rank} "
@@ -129,17 +134,18 @@ def causes(rank: int, text: str) -> list[tuple[tuple[int, ...], str]]:
 def describe_failure(errors: dict, addresses: dict) -> tuple[str, list[dict]]:
     """One clause naming every worker involved, as `worker R on ADDRESS`, and the cause; and the
     same as records for metrics.json. A process or node that died explains its peers' errors."""
-    found = [c for rank, text in sorted(errors.items()) for c in causes(rank, text)]
+    found = [c for rank, text in sorted(errors.items()) for c in causes(rank, text, errors)]
     died = [c for c in found if c[1].startswith(("its node", "its process"))]
     chosen = died or [c for c in found if not c[1].startswith("failed:")] or found
     seen, clauses, records = set(), [], []
     for ranks, cause in chosen:
-        if (ranks, cause.split(" (")[0]) in seen:
+        key = (tuple(sorted(ranks)), cause.split(" (")[0])
+        if key in seen:
             continue
-        seen.add((ranks, cause.split(" (")[0]))
-        who = " and ".join(f"worker {r} on {addresses.get(r, '?')}" for r in ranks)
+        seen.add(key)
+        who = " and ".join(f"worker {r} on {addresses.get(r, '?')}" for r in sorted(ranks))
         clauses.append(f"{who}: {cause}")
-        records.append({"workers": [{"rank": r, "address": addresses.get(r)} for r in ranks],
+        records.append({"workers": [{"rank": r, "address": addresses.get(r)} for r in sorted(ranks)],
                         "cause": cause})
     return "; ".join(clauses), records
 

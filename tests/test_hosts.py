@@ -1,0 +1,231 @@
+"""Faults the way real clusters meet them, on a cluster of hosts (cluster/hosts.py: each Ray node
+in its own network namespace with its own address): a frozen worker, a cut link, a host off the
+network, a slow host. Faults are silent (packets vanish, nobody gets an error). Needs root.
+
+The driver runs on the head host; the run is the one `uninterrupted_run` trains on a local Ray,
+so a run that recovers must end with its model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import INTERRUPTED_EPOCHS, REPO, same_model
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
+
+# Our own names and subnet: a user's hosts cluster (the defaults) may be up beside the tests.
+HOSTS_ENV = {"HOSTS_PREFIX": "fjt", "HOSTS_SUBNET": "10.251.8"}
+HEAD = f"{HOSTS_ENV['HOSTS_SUBNET']}.1"
+
+
+def hosts_cli(state, *args, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, **HOSTS_ENV, "HOSTS_DIR": str(state)}
+    return subprocess.run([sys.executable, "-m", "cluster.hosts", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    """A head and 3 worker hosts of 1 CPU: a 2-worker run leaves one spare."""
+    state = tmp_path_factory.mktemp("hosts")
+    up = hosts_cli(state, "up", "3")
+    try:
+        assert up.returncode == 0, up.stderr
+        yield state
+    finally:
+        down = hosts_cli(state, "down")
+        assert down.returncode == 0, down.stderr
+        assert not [n for n in namespaces() if n.startswith("fjt-")]
+
+
+def namespaces() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line]
+
+
+def train(hosts, data, tmp, *flags) -> subprocess.Popen:
+    """The driver on the head host, as a user there would run it."""
+    log = open(tmp / "console.log", "w")  # noqa: SIM115 (closed with the process)
+    env = {**os.environ, **HOSTS_ENV, "HOSTS_DIR": str(hosts)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cluster.hosts", "exec", "head", "--", sys.executable, "-m", "job",
+         "train", "--data", data, "--epochs", str(INTERRUPTED_EPOCHS), "--num-workers", "2",
+         "--output", str(tmp / "out"), "--storage-path", str(tmp / "ckpt"), "--name", "run",
+         "--ray-address", f"{HEAD}:6379", *flags],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def console(tmp) -> str:
+    return (tmp / "console.log").read_text()
+
+
+def wait_for(condition, what: str, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def first_checkpoint(driver, tmp) -> None:
+    snapshot = tmp / "ckpt" / "run" / "checkpoint_manager_snapshot.json"
+    wait_for(lambda: snapshot.exists() or driver.poll() is not None, "the first checkpoint")
+    assert snapshot.exists(), console(tmp)[-3000:]
+
+
+def finish(driver, tmp, timeout=400) -> int:
+    try:
+        return driver.wait(timeout)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        raise AssertionError(console(tmp)[-3000:]) from None
+
+
+def training_workers(hosts) -> dict[str, int]:
+    """host -> pid of the training worker it runs."""
+    found = {}
+    for host in ("w1", "w2", "w3"):
+        pids = subprocess.run(["ip", "netns", "pids", f"fjt-{host}"], capture_output=True,
+                              text=True).stdout.split()
+        for pid in pids:
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                    found[host] = int(pid)
+            except OSError:
+                continue
+    return found
+
+
+def address(host: str) -> str:
+    return f"{HOSTS_ENV['HOSTS_SUBNET']}.{10 + int(host[1:])}"
+
+
+def failure_lines(tmp) -> list[str]:
+    return [line for line in console(tmp).splitlines() if "worker group failed: " in line]
+
+
+def test_the_cluster_needs_root_and_its_hosts_have_their_own_addresses(hosts, tmp_path):
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        sys.executable, "-m", "cluster.hosts", "up"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: the hosts cluster needs root (network namespaces, a bridge, cgroups)"]
+    assert json.loads((hosts / "hosts.json").read_text()) == {
+        "head": HEAD, **{h: address(h) for h in ("w1", "w2", "w3")}}
+
+
+def test_a_frozen_worker_is_named_and_the_run_ends_with_the_same_model(
+        hosts, small_data, uninterrupted_run, tmp_path):
+    driver = train(hosts, small_data, tmp_path, "--max-failures", "2")
+    first_checkpoint(driver, tmp_path)
+    host, pid = sorted(training_workers(hosts).items())[-1]
+    os.kill(pid, signal.SIGSTOP)  # alive, holding its sockets, answering nothing: a hung GPU
+    try:
+        assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
+    finally:
+        os.kill(pid, signal.SIGCONT) if Path(f"/proc/{pid}").exists() else None
+    lines = failure_lines(tmp_path)
+    assert len(lines) == 1, console(tmp_path)
+    assert re.search(rf"worker \d on {address(host)}: stopped answering", lines[0]), lines[0]
+    assert "restarting from epoch " in lines[0] and "(attempt 2 of 3)" in lines[0], lines[0]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert same_model(metrics, uninterrupted_run)
+    [failure] = metrics["worker_group_failures"]
+    assert failure["what"] in lines[0] and failure["next"].startswith("restarting from epoch")
+
+
+def test_a_link_cut_for_good_ends_the_run_naming_both_hosts(hosts, small_data, tmp_path):
+    driver = train(hosts, small_data, tmp_path, "--max-failures", "0")
+    first_checkpoint(driver, tmp_path)
+    a, b = sorted(training_workers(hosts))
+    assert hosts_cli(hosts, "cut", a, b).returncode == 0
+    cut = time.monotonic()
+    try:
+        assert finish(driver, tmp_path) == 2
+        assert time.monotonic() - cut < 180
+    finally:
+        assert hosts_cli(hosts, "heal", a, b).returncode == 0
+    error = [line for line in console(tmp_path).splitlines() if line.startswith("error: ")]
+    assert len(error) == 1, console(tmp_path)
+    assert error[0].startswith("error: training failed: worker "), error[0]
+    assert address(a) in error[0] and address(b) in error[0], error[0]
+    assert "no restarts left (--max-failures 0)" in failure_lines(tmp_path)[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_link_cut_for_a_minute_costs_a_restart_not_the_model(
+        hosts, small_data, uninterrupted_run, tmp_path):
+    driver = train(hosts, small_data, tmp_path, "--max-failures", "3")
+    first_checkpoint(driver, tmp_path)
+    a, b = sorted(training_workers(hosts))
+    assert hosts_cli(hosts, "cut", a, b).returncode == 0
+    try:
+        time.sleep(60)
+    finally:
+        assert hosts_cli(hosts, "heal", a, b).returncode == 0
+    assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert same_model(metrics, uninterrupted_run)
+    assert metrics["worker_group_failures"], metrics
+
+
+def test_a_slow_host_is_named_within_the_first_epoch(hosts, tmp_path, source_dir):
+    from job.data import prepare_data
+
+    data = str(tmp_path / "data")  # 60 steps an epoch: time for a few step-time reports
+    prepare_data(source_dir, data, num_shards=4, seed=0, limit=4800)
+    driver = train(hosts, data, tmp_path, "--epochs", "1")
+    wait_for(lambda: len(training_workers(hosts)) == 2 or driver.poll() is not None, "the workers")
+    slow = sorted(training_workers(hosts))[0]
+    assert hosts_cli(hosts, "throttle", slow, "30").returncode == 0
+    try:
+        assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
+    finally:
+        assert hosts_cli(hosts, "throttle", slow, "100").returncode == 0
+    lines = console(tmp_path).splitlines()
+    named = [i for i, line in enumerate(lines) if "straggler: " in line]
+    assert named, console(tmp_path)
+    assert re.search(rf"straggler: worker \d on {address(slow)}: \d+ ms a step vs \d+ ms",
+                     lines[named[0]]), lines[named[0]]
+    epoch_1 = next(i for i, line in enumerate(lines) if "] epoch 1/1: loss" in line)
+    assert named[0] < epoch_1
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    [epoch] = metrics["compute_ms_per_step"]
+    assert max(epoch["ms"]) > 1.5 * min(epoch["ms"]), epoch
+
+
+def test_a_host_off_the_network_for_a_minute_the_elastic_run_goes_on(
+        hosts, small_data, uninterrupted_run, tmp_path):
+    driver = train(hosts, small_data, tmp_path, "--min-workers", "1")
+    first_checkpoint(driver, tmp_path)
+    lost, pid = sorted(training_workers(hosts).items())[-1]
+    assert hosts_cli(hosts, "isolate", lost).returncode == 0
+    cut = time.monotonic()
+    try:
+        time.sleep(60)
+    finally:
+        assert hosts_cli(hosts, "rejoin", lost).returncode == 0
+    try:
+        assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
+        assert time.monotonic() - cut < 300
+        # Its old worker, back on the network, writes nothing into the run: it is gone.
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), "the lost host's old worker to end", 60)
+    finally:
+        assert hosts_cli(hosts, "restart", lost).returncode == 0  # Ray takes no dead node back
+    text = console(tmp_path)
+    assert "(raylet)" not in text and "Raylet" not in text and "state-dump" not in text, text
+    assert all(line.startswith(("[run] ", "error: ")) for line in text.splitlines()), text
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, INTERRUPTED_EPOCHS + 1))
+    assert metrics["worker_group_failures"], metrics
+    assert abs(metrics["test_loss"] - uninterrupted_run["test_loss"]) <= 0.002
