@@ -21,16 +21,16 @@ process of the machine) and removes only what `up` made. State lives in $HOSTS_D
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from cluster.stop import alive, end
 
 PREFIX = os.environ.get("HOSTS_PREFIX", "fjob")  # namespaces, bridge, veths and cgroups
 SUBNET = os.environ.get("HOSTS_SUBNET", "10.251.7")  # a /24 of our own on the bridge
@@ -170,14 +170,7 @@ def host_pids(host: str) -> set[int]:
 
 
 def stop_processes(names: list[str]) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for host in names:
-            for pid in host_pids(host):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-        deadline = time.monotonic() + 10
-        while any(host_pids(h) for h in names) and time.monotonic() < deadline:
-            time.sleep(0.2)
+    end(lambda: {pid for host in names for pid in host_pids(host) if alive(pid)})
 
 
 def restart(host: str) -> None:

@@ -35,7 +35,8 @@ case "${1:-}" in
     echo "token: $RAY_AUTH_TOKEN_PATH (export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=...)"
     ;;
   down)
-    "$RAY" stop --force >/dev/null 2>&1 || true
+    # Only this cluster's processes: `ray stop` would end every Ray process of the machine.
+    "$(dirname "$RAY")/python" -m cluster.stop "127.0.0.1:$GCS_PORT" >/dev/null
     rm -f "$CLUSTER_DIR/address"
     echo "Ray cluster down"
     ;;

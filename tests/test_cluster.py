@@ -13,10 +13,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from cluster.stop import cluster_pids, processes
 from tests.conftest import INTERRUPTED_EPOCHS, RAY, error_line, ray_job, run_cli, same_model
 
 pytestmark = pytest.mark.slow
@@ -68,20 +68,15 @@ def wait_until_done(cluster, job_id):
     assert "succeeded" in job_status(cluster, job_id), ray_job(cluster, "logs", job_id).stdout[-3000:]
 
 
-def train_worker_pids() -> list[int]:
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if cmdline.startswith(b"ray::RayTrainWorker"):
-            pids.append(int(pid))
-    return pids
+def train_worker_pids(cluster) -> list[int]:
+    """The cluster's training worker processes (not another cluster's of this machine)."""
+    table = processes()
+    return [pid for pid in cluster_pids(cluster["gcs"])
+            if table.get(pid, (0, b""))[1].startswith(b"ray::RayTrainWorker")]
 
 
 def parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return processes()[pid][0]
 
 
 def check_recovered(tmp):
@@ -93,17 +88,11 @@ def check_recovered(tmp):
     return metrics
 
 
-def raylets() -> dict[int, bytes]:
-    """pid -> command line of every raylet on this machine."""
-    found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if cmdline.split(b"\0")[0].endswith(b"/raylet"):
-            found[int(pid)] = cmdline
-    return found
+def raylets(cluster) -> dict[int, bytes]:
+    """pid -> command line of each of the cluster's raylets."""
+    table = processes()
+    return {pid: table[pid][1] for pid in cluster_pids(cluster["gcs"])
+            if pid in table and table[pid][1].split(b"\0")[0].endswith(b"/raylet")}
 
 
 def add_worker_node(cluster):
@@ -128,7 +117,7 @@ def test_submission_without_or_with_a_wrong_token_is_refused(cluster, tmp_path):
 def test_a_killed_training_worker_changes_nothing(cluster, small_data, uninterrupted_run, tmp_path):
     job_id = submit(cluster, small_data, tmp_path, "--max-failures", "2")
     wait_for_first_checkpoint(cluster, job_id, tmp_path)
-    victim = max(train_worker_pids())
+    victim = max(train_worker_pids(cluster))
     os.kill(victim, signal.SIGKILL)
     wait_until_done(cluster, job_id)
     metrics = check_recovered(tmp_path)
@@ -142,8 +131,8 @@ def test_an_elastic_run_goes_on_with_fewer_workers_after_losing_nodes(
     # default flags: an elastic run gets ELASTIC_MAX_FAILURES restarts unless told otherwise.
     job_id = submit(cluster, small_data, tmp_path, "--min-workers", "1")
     wait_for_first_checkpoint(cluster, job_id, tmp_path)
-    busy = {parent(pid) for pid in train_worker_pids()}
-    spare = [pid for pid, cmdline in raylets().items()
+    busy = {parent(pid) for pid in train_worker_pids(cluster)}
+    spare = [pid for pid, cmdline in raylets(cluster).items()
              if pid not in busy and b"--head" not in cmdline and b"CPU,1" in cmdline]
     try:
         for raylet in [*spare, max(busy)]:

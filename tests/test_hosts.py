@@ -56,14 +56,14 @@ def namespaces() -> list[str]:
 
 def train(hosts, data, tmp, *flags) -> subprocess.Popen:
     """The driver on the head host, as a user there would run it."""
-    log = open(tmp / "console.log", "w")  # noqa: SIM115 (closed with the process)
     env = {**os.environ, **HOSTS_ENV, "HOSTS_DIR": str(hosts)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "cluster.hosts", "exec", "head", "--", sys.executable, "-m", "job",
-         "train", "--data", data, "--epochs", str(INTERRUPTED_EPOCHS), "--num-workers", "2",
-         "--output", str(tmp / "out"), "--storage-path", str(tmp / "ckpt"), "--name", "run",
-         "--ray-address", f"{HEAD}:6379", *flags],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    with open(tmp / "console.log", "w") as log:  # the driver writes to its own copy of the fd
+        return subprocess.Popen(
+            [sys.executable, "-m", "cluster.hosts", "exec", "head", "--", sys.executable, "-m", "job",
+             "train", "--data", data, "--epochs", str(INTERRUPTED_EPOCHS), "--num-workers", "2",
+             "--output", str(tmp / "out"), "--storage-path", str(tmp / "ckpt"), "--name", "run",
+             "--ray-address", f"{HEAD}:6379", *flags],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
 def console(tmp) -> str:

@@ -1,0 +1,75 @@
+"""Stop one Ray cluster of this machine and nothing else (`ray stop` ends every Ray process of
+the machine: another user's cluster, a test's).
+
+    python -m cluster.stop GCS_ADDRESS      e.g. 127.0.0.1:6380
+
+Its processes: those whose command line names its GCS address (gcs_server, raylets, the
+dashboard and its agents, log monitors), and all their descendants (workers, whose titles Ray
+rewrites).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def processes() -> dict[int, tuple[int, bytes]]:
+    """pid -> (parent pid, command line) of every process."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            found[int(pid)] = (int(stat.rsplit(")", 1)[1].split()[1]),
+                               Path(f"/proc/{pid}/cmdline").read_bytes())
+    return found
+
+
+def cluster_pids(gcs_address: str) -> set[int]:
+    host, port = gcs_address.rsplit(":", 1)
+    marks = (f"{host}:{port}".encode(), f"--gcs_server_port={port}".encode())
+    table = processes()
+    pids = {pid for pid, (_, cmdline) in table.items() if any(m in cmdline for m in marks)}
+    grew = True
+    while grew:  # add descendants until none is new
+        children = {pid for pid, (parent, _) in table.items() if parent in pids} - pids
+        grew = bool(children)
+        pids |= children
+    return pids - {os.getpid()}
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def end(find, grace: float = 10) -> set[int]:
+    """End the processes `find()` returns: SIGTERM, then SIGKILL for those left after `grace`
+    seconds. `find` is asked again each time: a dying parent may start or reparent children."""
+    ended = set()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in (pids := find()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        ended |= pids
+        deadline = time.monotonic() + grace
+        while any(map(alive, find())) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return ended
+
+
+def stop(gcs_address: str) -> int:
+    return len(end(lambda: cluster_pids(gcs_address)))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or ":" not in sys.argv[1]:
+        print("usage: python -m cluster.stop GCS_HOST:PORT", file=sys.stderr)
+        sys.exit(2)
+    print(f"stopped {stop(sys.argv[1])} process(es) of the Ray cluster at {sys.argv[1]}")

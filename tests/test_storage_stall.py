@@ -1,0 +1,90 @@
+"""Checkpoint storage that stops answering (a stalled NFS/EFS): a file-backed ext4 mount frozen
+with `fsfreeze`, so every write to it blocks in the kernel. A short stall changes nothing; a
+lasting one ends the run with one line within --storage-timeout. Needs root (loop mounts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import INTERRUPTED_EPOCHS, REPO, same_model
+from tests.test_hosts import wait_for
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0, reason="loop mounts and fsfreeze need root")]
+
+
+@pytest.fixture
+def storage(tmp_path):
+    """A mounted ext4 file system, and a switch that freezes (True) or thaws (False) it. Thawed
+    and unmounted on every way out: frozen, it would keep processes stuck in the kernel."""
+    image, mount = tmp_path / "storage.img", tmp_path / "storage"
+    mount.mkdir()
+    subprocess.run(["truncate", "-s", "256M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+
+    def frozen(on: bool) -> None:
+        subprocess.run(["fsfreeze", "-f" if on else "-u", str(mount)], check=on)
+
+    try:
+        yield mount, frozen
+    finally:
+        frozen(False)
+        if subprocess.run(["umount", str(mount)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)])  # a process still inside: detach
+
+
+def start(data, tmp, storage, *flags) -> subprocess.Popen:
+    with open(tmp / "console.log", "w") as log:  # the driver writes to its own copy of the fd
+        return subprocess.Popen(
+            [sys.executable, "-m", "job", "train", "--data", data, "--epochs", str(INTERRUPTED_EPOCHS),
+             "--num-workers", "2", "--output", str(tmp / "out"), "--storage-path", str(storage),
+             "--name", "run", *flags], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def first_checkpoint(driver, storage, tmp) -> None:
+    snapshot = storage / "run" / "checkpoint_manager_snapshot.json"
+    wait_for(lambda: snapshot.exists() or driver.poll() is not None, "the first checkpoint")
+    assert snapshot.exists(), (tmp / "console.log").read_text()[-3000:]
+
+
+def test_a_storage_stall_of_a_minute_changes_nothing(storage, small_data, uninterrupted_run,
+                                                     tmp_path):
+    mount, frozen = storage
+    driver = start(small_data, tmp_path, mount)  # the default --storage-timeout
+    first_checkpoint(driver, mount, tmp_path)
+    frozen(True)
+    try:
+        time.sleep(60)
+    finally:
+        frozen(False)
+    assert driver.wait(300) == 0, (tmp_path / "console.log").read_text()[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert same_model(metrics, uninterrupted_run)
+
+
+def test_storage_that_stops_answering_ends_the_run_within_the_bound(storage, small_data, tmp_path):
+    mount, frozen = storage
+    driver = start(small_data, tmp_path, mount, "--storage-timeout", "60")
+    first_checkpoint(driver, mount, tmp_path)
+    frozen(True)
+    stalled = time.monotonic()
+    try:
+        status = driver.wait(120)  # its workers stay stuck in the kernel: it must not wait on them
+        waited = time.monotonic() - stalled
+    finally:
+        frozen(False)
+    console = (tmp_path / "console.log").read_text()
+    assert status == 2, console[-3000:]
+    assert 60 <= waited <= 75, waited
+    errors = [line for line in console.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, console
+    assert errors[0].startswith(f"error: the storage at {mount} has not completed a write for "), errors
+    assert "(--storage-timeout 60)" in errors[0]
+    assert not (tmp_path / "out").exists()
