@@ -3,16 +3,17 @@ PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 DATA    ?= data/fashion-mnist
-EPOCHS  ?= 10
-WORKERS ?= 2
 OUTPUT  ?= runs/local
-MODEL   ?= seed
 FLAGS   ?=
+# EPOCHS, WORKERS, MODEL: passed to the job only when you set them (else the job's defaults, 10,
+# 2 and seed, or a --recipe's in FLAGS, hold).
+given = $(if $(filter command line environment,$(origin $(1))),$(2) $($(1)))
+JOB_CHOICES = $(call given,EPOCHS,--epochs) $(call given,WORKERS,--num-workers) $(call given,MODEL,--model)
 # Extra flags for the job (train-local, submit, gpu-check), e.g. FLAGS="--fast --seed 3".
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup data train-local seeds gpu-check test test-fast docs lint fashion-mnist-source image k8s-render bench cluster-up cluster-down submit
+.PHONY: setup data train-local seeds gpu-check test test-fast docs lint fashion-mnist-source image k8s-render bench cluster-up cluster-down hosts-up hosts-down submit
 
 setup: $(VENV)/.installed
 
@@ -38,8 +39,7 @@ data: setup fashion-mnist-source
 	$(PY) -m job prepare-data --out $(DATA)
 
 train-local: data
-	$(PY) -m job train --data $(DATA) --epochs $(EPOCHS) --num-workers $(WORKERS) \
-	  --model $(MODEL) --output $(OUTPUT) $(FLAGS)
+	$(PY) -m job train --data $(DATA) $(JOB_CHOICES) --output $(OUTPUT) $(FLAGS)
 
 # Costs against plain Keras, collectives per step, time to 0.90 -> bench/results.json (~40 min).
 # Prints the targets it missed; CHECK=1 makes a miss fail.
@@ -80,6 +80,15 @@ cluster-up: setup
 cluster-down:
 	cluster/local.sh down
 
+# A Ray cluster of hosts on this machine (root): each node in its own network namespace with its
+# own address on a private bridge, for trying faults (`python -m cluster.hosts -h`: cut, isolate,
+# throttle, shape).  make hosts-up NODES=3; make hosts-down
+hosts-up: setup
+	$(PY) -m cluster.hosts up $(NODES)
+
+hosts-down: setup
+	$(PY) -m cluster.hosts down
+
 # Submit the job to a Ray cluster (default: the one cluster-up started), follow its logs, exit
 # with its status. For a remote cluster set ADDRESS and RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN).
 ADDRESS ?= $(shell cat runs/cluster/address 2>/dev/null || echo http://127.0.0.1:8265)
@@ -92,7 +101,7 @@ submit: setup $(if $(call is_uri,$(DATA)),,data)
 	RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$(RAY_AUTH_TOKEN_PATH) $(VENV)/bin/ray job submit \
 	  --address $(ADDRESS) --working-dir . --runtime-env cluster/runtime_env.yaml -- \
 	  python -m job train --data $(if $(call is_uri,$(DATA)),$(DATA),$(abspath $(DATA))) \
-	  --epochs $(EPOCHS) --num-workers $(WORKERS) --model $(MODEL) --output $(SUBMIT_OUTPUT) \
+	  $(JOB_CHOICES) --output $(SUBMIT_OUTPUT) \
 	  --storage-path $(if $(call is_uri,$(STORAGE)),$(STORAGE),$(abspath $(STORAGE))) --max-failures 2 $(FLAGS)
 
 # The container image for KubeRay (needs a Docker engine). Its tag carries the pinned Ray version.

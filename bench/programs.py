@@ -100,7 +100,35 @@ def test_curve(data: str, run_dir: str, model: str = "seed") -> dict:
     return {"curve": sorted(curve, key=lambda point: point["epoch"])}
 
 
-PROGRAMS = {"plain-keras": plain_keras, "ray-start": ray_start, "test-curve": test_curve}
+def step_timing(data: str, threads: int, rounds: int = 3) -> dict:
+    """What the straggler watch's step timing costs: the job's step function (ReplicaLocalMetrics,
+    one process, no Ray) timed per epoch with its compute clock on and off, interleaved."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from job.model import build_model
+    from job.train import ReplicaLocalMetrics
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    images, labels = D.read_split(data, "train")
+    x, y = images.astype(np.float32)[..., None] / 255.0, np.eye(D.NUM_CLASSES, dtype=np.float32)[labels]
+    models = {}
+    for timed in (False, True):
+        keras.utils.set_random_seed(0)
+        models[timed] = build_model("seed", 1e-3, steps_per_execution=8, sequential=ReplicaLocalMetrics)
+        if timed:
+            models[timed].time_compute_into(tf.Variable(0.0, dtype=tf.float64, trainable=False))
+    seconds = {"off": [], "on": []}
+    for _ in range(rounds):
+        for timed, name in ((False, "off"), (True, "on")):
+            models[timed].fit(x, y, batch_size=64, epochs=2, verbose=0,
+                              callbacks=[epoch_timer(keras, seconds[name])])
+    return {name: [s for i, s in enumerate(times) if i % 2] for name, times in seconds.items()}
+
+
+PROGRAMS = {"plain-keras": plain_keras, "ray-start": ray_start, "test-curve": test_curve,
+            "step-timing": step_timing}
 
 if __name__ == "__main__":
     name, kwargs = sys.argv[1], json.loads(sys.argv[2] if len(sys.argv) > 2 else "{}")

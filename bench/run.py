@@ -40,6 +40,7 @@ TARGETS = [
     ("ray_1_worker / plain_keras", 1.00),
     ("ray_1_worker / plain_keras3", 1.00),
     ("progress_every_0.5s / progress_off", 1.02),
+    ("step_timing_on / step_timing_off", 1.01),
     ("the job's wall, reference recipe / plain Keras 10 epochs + test", 1.15),
     ("read_all_shards / full_epoch", 0.02),
     ("ray_start_seconds", 10.0),
@@ -53,6 +54,7 @@ RATIOS = [
     ("ray_2_workers", "ray_1_worker"),  # 2 workers sharing the same cores: the all-reduce's cost
     ("ray_1_worker_1_step_per_call", "ray_1_worker"),  # the default --steps-per-execution's gain
     ("progress_every_0.5s", "progress_off"),  # what progress lines cost (0.5 s: a live terminal's)
+    ("step_timing_on", "step_timing_off"),  # the straggler watch's compute clock, per step
     ("default_job_fast", "ray_2_workers"),  # --fast per epoch
 ]
 
@@ -135,6 +137,9 @@ def speed(source: str, tmp: str, subset: str, full: str, cores: int) -> dict:
         print(f"speed: {name}", flush=True)
         seconds[name] = steady(program("plain-keras", data=subset, threads=cores, lib=lib,
                                        epochs=SPEED_EPOCHS)["epoch_seconds"])
+    print("speed: step timing on and off", flush=True)
+    timing = program("step-timing", data=subset, threads=cores)
+    seconds.update({f"step_timing_{k}": statistics.median(v) for k, v in timing.items()})
     for name, flags in runs.items():
         print(f"speed: {name}", flush=True)
         seconds[name] = steady(job(subset, "--epochs", str(SPEED_EPOCHS), *flags)["epoch_seconds"])
