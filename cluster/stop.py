@@ -17,29 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-
-def processes() -> dict[int, tuple[int, bytes]]:
-    """pid -> (parent pid, command line) of every process."""
-    found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            found[int(pid)] = (int(stat.rsplit(")", 1)[1].split()[1]),
-                               Path(f"/proc/{pid}/cmdline").read_bytes())
-    return found
+from job.health import processes, with_descendants
 
 
 def cluster_pids(gcs_address: str) -> set[int]:
     host, port = gcs_address.rsplit(":", 1)
     marks = (f"{host}:{port}".encode(), f"--gcs_server_port={port}".encode())
     table = processes()
-    pids = {pid for pid, (_, cmdline) in table.items() if any(m in cmdline for m in marks)}
-    grew = True
-    while grew:  # add descendants until none is new
-        children = {pid for pid, (parent, _) in table.items() if parent in pids} - pids
-        grew = bool(children)
-        pids |= children
-    return pids - {os.getpid()}
+    named = {pid for pid, (_, cmdline) in table.items() if any(m in cmdline for m in marks)}
+    return with_descendants(named, table) - {os.getpid()}
 
 
 def alive(pid: int) -> bool:

@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -234,8 +236,29 @@ class StorageWatch:
             self.child.kill()  # not waited for: it may be stuck on the storage
 
 
+def processes() -> dict[int, tuple[int, bytes]]:
+    """pid -> (parent pid, command line) of every process of this machine."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with (contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{pid}/stat") as stat,
+              open(f"/proc/{pid}/cmdline", "rb") as cmdline):
+            found[int(pid)] = (int(stat.read().rsplit(")", 1)[1].split()[1]), cmdline.read())
+    return found
+
+
+def with_descendants(pids: set[int], table: dict) -> set[int]:
+    pids = set(pids)
+    while children := {pid for pid, (parent, _) in table.items() if parent in pids} - pids:
+        pids |= children
+    return pids
+
+
 def stop_now(line: str, status: int = 2) -> None:
-    """Print `line` and end this process at once: no cleanup that could wait on stuck workers."""
+    """Print `line` and end this process at once, with its children (a private local Ray): a
+    signal each, no wait, as a worker stuck in the kernel would hold up any cleanup."""
     sys.stdout.flush()
     print(line, file=sys.stderr, flush=True)
+    for pid in with_descendants({os.getpid()}, processes()) - {os.getpid()}:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
     os._exit(status)

@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from cluster.stop import cluster_pids, processes
+from cluster.stop import cluster_pids
+from job.health import processes
 from tests.conftest import INTERRUPTED_EPOCHS, RAY, error_line, ray_job, run_cli, same_model
 
 pytestmark = pytest.mark.slow
