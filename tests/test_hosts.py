@@ -83,6 +83,11 @@ def first_checkpoint(driver, tmp) -> None:
     assert snapshot.exists(), console(tmp)[-3000:]
 
 
+def seconds_until_failure_line(driver, tmp, since: float) -> float:
+    wait_for(lambda: failure_lines(tmp) or driver.poll() is not None, "a failure line", 300)
+    return time.monotonic() - since
+
+
 def finish(driver, tmp, timeout=400) -> int:
     try:
         return driver.wait(timeout)
@@ -130,7 +135,9 @@ def test_a_frozen_worker_is_named_and_the_run_ends_with_the_same_model(
     first_checkpoint(driver, tmp_path)
     host, pid = sorted(training_workers(hosts).items())[-1]
     os.kill(pid, signal.SIGSTOP)  # alive, holding its sockets, answering nothing: a hung GPU
+    frozen = time.monotonic()
     try:
+        assert seconds_until_failure_line(driver, tmp_path, frozen) < 60, console(tmp_path)[-3000:]
         assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
     finally:
         os.kill(pid, signal.SIGCONT) if Path(f"/proc/{pid}").exists() else None
