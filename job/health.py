@@ -146,7 +146,9 @@ def describe_failure(errors: dict, addresses: dict) -> tuple[str, list[dict]]:
             continue
         seen.add(key)
         who = " and ".join(f"worker {r} on {addresses.get(r, '?')}" for r in sorted(ranks))
-        clauses.append(f"{who}: {cause}")
+        # An error that names its worker (e.g. job.gpu's) says it best, its class name aside.
+        own = re.sub(r"^[\w.]+: (?=worker \d+ on )", "", cause.removeprefix("failed: "))
+        clauses.append(own if own.startswith(f"worker {ranks[0]} on ") else f"{who}: {cause}")
         records.append({"workers": [{"rank": r, "address": addresses.get(r)} for r in sorted(ranks)],
                         "cause": cause})
     return "; ".join(clauses), records

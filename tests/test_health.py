@@ -59,3 +59,9 @@ def test_a_straggler_is_named_once_after_a_sustained_stretch():
     watch = StragglerWatch()  # 1.4x: within the rule, never named
     assert not any(watch.add(StepTime(r, 1, ms), "X") for _ in range(5)
                    for r, ms in ((0, 50.0), (1, 70.0)))
+
+
+def test_an_error_that_names_its_worker_is_kept_as_it_is():
+    gpu = "GpuUnavailable: worker 0 on node vm: Ray assigned GPU 0 but TensorFlow sees 0 GPU(s)"
+    what, _ = describe_failure({0: gpu}, ADDRESSES)
+    assert what == "worker 0 on node vm: Ray assigned GPU 0 but TensorFlow sees 0 GPU(s)"
