@@ -17,7 +17,15 @@ SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
 
 setup: $(VENV)/.installed
 
+# PYTHON: a Python >= 3.11 (e.g. PYTHON=python3.12); on Debian/Ubuntu its venv module comes
+# with the package python3-venv, installed here if missing.
 $(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "error: $(PYTHON) is not Python >= 3.11 (the job needs it): set PYTHON=python3.11 or newer" >&2; \
+	  exit 2; }
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  echo "installing Debian package python3-venv (Python's venv module)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv >/dev/null; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

@@ -184,9 +184,9 @@ DEFAULTS = JobConfig(data="-")  # the defaults, for presets
 # `--fast`: reach the reference's accuracy sooner (measured: README, `make bench`). A bigger
 # per-worker batch means fewer, larger steps and all-reduces; the learning rate grows with the
 # square root of the batch (usual for Adam). Fewer steps per epoch need a few more epochs: the
-# seed model scored 0.8970 after 10 such epochs and 0.9010 after 12; `make bench`: 0.90 after
-# 731 s of training, where the default recipe never reaches it in 10 epochs (1,052 s). On GPUs
-# also float16, and XLA with one worker; on CPUs XLA made the step slower.
+# seed model scored 0.8970 after 10 such epochs and 0.9010 after 12 (`make bench` times it
+# against the reference recipe). On GPUs also float16, and XLA with one worker; on CPUs XLA
+# made the step slower.
 FAST_BATCH_PER_WORKER = 128
 FAST_PATH_GPU = {"mixed_precision": True}
 FAST_PATH_ONE_GPU = {**FAST_PATH_GPU, "jit_compile": True}  # XLA: one worker only (see checks)
