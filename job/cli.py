@@ -102,5 +102,5 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(evaluate(args["model"], args["data"]), indent=1))
     except JobError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_status", 2)
     return 0

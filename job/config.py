@@ -43,6 +43,13 @@ class JobError(Exception):
     """A problem with the user's input or environment; the CLI prints it as one line, exit 2."""
 
 
+class ModelRejected(JobError):
+    """A finished run the promotion gate refused: its results are in OUTPUT, `current` is as it
+    was. Exit status 3, so a scheduled run that produced no new model ends failed and alerts."""
+
+    exit_status = 3
+
+
 def setting(default, help: str):
     """A JobConfig field: its default and the help text its command-line flag shows."""
     return field(default=default, metadata={"help": help})

@@ -17,7 +17,7 @@ import time
 from functools import partial
 
 from job import data as D
-from job.config import JobConfig, JobError
+from job.config import JobConfig, JobError, ModelRejected
 from job.env import job_env
 from job.health import StorageWatch, stop_now
 from job.results import METRICS_FILE, check_output_dir, score, write_json_atomically, write_output
@@ -344,4 +344,7 @@ def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float, budget: T
     print(f"[{cfg.run_name}] test accuracy {metrics['test_accuracy']:.4f}, "
           f"test loss {metrics['test_loss']:.4f} (best epoch {best['epoch']}); "
           f"wrote {cfg.output}", flush=True)
+    if cfg.promote_to and not metrics["promotion"]["accepted"]:
+        raise ModelRejected(f"not promoted: {metrics['promotion']['reason']} (the run's results "
+                            f"are in {cfg.output}; {cfg.promote_to}/current is unchanged)")
     return metrics

@@ -3,7 +3,7 @@
     python k8s/render.py                      # rewrite the generated files
     python k8s/render.py --check              # exit 1 if they are stale (the tests run this)
     python k8s/render.py --image registry.example.com/ml/fashion-job:2.60.0-py311-tf-cuda \\
-        --storage-class efs-rwx --operator-namespace kuberay-system
+        --storage-class efs-rwx --operator-namespace default
 
 Sources: k8s/variants/ray-job.train-now.yaml (the RayJob) and k8s/job.toml (the job's settings).
 Generated: k8s/20-configmap-job.yaml (job.toml + the RayJob the CronJob creates) and

@@ -95,7 +95,16 @@ def make_dry_run(*args: str) -> str:
 def test_make_submit_passes_a_uri_through_and_needs_no_local_data():
     out = make_dry_run("submit", "DATA=s3://bucket/fashion-mnist", "STORAGE=s3://bucket/ckpt")
     assert "--data s3://bucket/fashion-mnist" in out and "--storage-path s3://bucket/ckpt" in out
-    assert "prepare-data" not in out and "apt-get" not in out
+    assert "prepare-data" not in out and "dataset-fashion-mnist" not in out
+    assert "--model" not in out and "--epochs" not in out  # make variables the user did not set
+
+
+def test_make_passes_only_the_variables_the_user_set():
+    strong = re.sub(r"\\\n\s*", " ", make_dry_run("train-local", "FLAGS=--recipe strong"))
+    job_line = next(line for line in strong.splitlines() if "-m job train" in line)
+    assert "--model" not in job_line and "--epochs" not in job_line, job_line
+    two = re.sub(r"\\\n\s*", " ", make_dry_run("train-local", "EPOCHS=2", "WORKERS=1"))
+    assert "--epochs 2 --num-workers 1" in two, two
 
 
 @pytest.mark.parametrize("target", ["train-local", "submit", "gpu-check"])

@@ -189,8 +189,8 @@ def test_a_link_cut_for_a_minute_costs_a_restart_not_the_model(
 def test_a_slow_host_is_named_within_the_first_epoch(hosts, tmp_path, source_dir):
     from job.data import prepare_data
 
-    data = str(tmp_path / "data")  # 60 steps an epoch: time for a few step-time reports
-    prepare_data(source_dir, data, num_shards=4, seed=0, limit=4800)
+    data = str(tmp_path / "data")  # 30 steps an epoch: time for a few step-time reports
+    prepare_data(source_dir, data, num_shards=4, seed=0, limit=2400)
     driver = train(hosts, data, tmp_path, "--epochs", "1")
     wait_for(lambda: len(training_workers(hosts)) == 2 or driver.poll() is not None, "the workers")
     slow = sorted(training_workers(hosts))[0]

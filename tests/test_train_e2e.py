@@ -136,6 +136,17 @@ def test_a_good_enough_run_is_promoted_to_current(finished_run):
     assert (tmp / "models" / "current" / "model" / "saved_model.pb").exists()
 
 
+def test_a_rejected_model_ends_the_run_with_exit_status_3(finished_run, small_data):
+    tmp, _ = finished_run  # its run again (resumed: finished), against a stricter gate
+    r = run_cli("train", "--data", small_data, "--output", str(tmp / "out-strict"),
+                "--storage-path", str(tmp / "ckpt"), "--epochs", "2", "--num-workers", "2",
+                "--promote-to", str(tmp / "models-strict"), "--min-accuracy", "0.99")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert error_line(r).startswith("error: not promoted: test accuracy "), r.stderr[-3000:]
+    assert json.loads((tmp / "out-strict" / "metrics.json").read_text())["promotion"]["accepted"] is False
+    assert not (tmp / "models-strict" / "current").exists()
+
+
 def test_exported_model_reloads_and_scores_the_same(finished_run, small_data):
     tmp, _ = finished_run
     metrics = json.loads((tmp / "out" / "metrics.json").read_text())
