@@ -123,6 +123,9 @@ def test_a_killed_training_worker_changes_nothing(cluster, small_data, uninterru
     wait_until_done(cluster, job_id)
     metrics = check_recovered(tmp_path)
     assert same_model(metrics, uninterrupted_run)  # deterministic resumption
+    logs = ray_job(cluster, "logs", job_id).stdout
+    assert "its process died" in logs and "restarting from epoch" in logs, logs[-3000:]
+    assert "(raylet)" not in logs, logs[-3000:]  # Ray's own report of the death stays in its logs
 
 
 def test_an_elastic_run_goes_on_with_fewer_workers_after_losing_nodes(
