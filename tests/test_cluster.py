@@ -124,7 +124,7 @@ def test_a_killed_training_worker_changes_nothing(cluster, small_data, uninterru
     metrics = check_recovered(tmp_path)
     assert same_model(metrics, uninterrupted_run)  # deterministic resumption
     logs = ray_job(cluster, "logs", job_id).stdout
-    assert "its process died" in logs and "restarting from epoch" in logs, logs[-3000:]
+    assert "its process" in logs and "restarting from epoch" in logs, logs[-3000:]
     assert "(raylet)" not in logs, logs[-3000:]  # Ray's own report of the death stays in its logs
 
 
