@@ -4,6 +4,7 @@
     python -m job train --data data/fashion-mnist --epochs 10 --num-workers 2 --output runs/local
     python -m job retrain --config /etc/fashion/job.toml    # prepare-data if needed, then train
     python -m job evaluate --model runs/local/model --data data/fashion-mnist
+    python -m job rollback --models /mnt/models        # the release current before this one
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def make_parser() -> argparse.ArgumentParser:
     train_flags(sub.add_parser("retrain", help="the scheduled job in one command: prepare-data "
                                "into --data from --source if it is missing, then train"))
 
+    back = sub.add_parser("rollback", help="make an earlier release MODELS/current again (and "
+                          "the newest serving version)")
+    back.add_argument("--models", required=True, help="the models dir of --promote-to")
+    back.add_argument("--to", default="", help="a release name under MODELS/releases/ (default: "
+                                              "the one current before the current one)")
+
     ev = sub.add_parser("evaluate", help="score an exported model on the test shards")
     ev.add_argument("--model", required=True, help="OUTPUT/model of a train run")
     ev.add_argument("--data", required=True, help="dataset from prepare-data")
@@ -96,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
 
             file_values = load_config_file(args.pop("config")) if "config" in args else {}
             run(build_config(file_values, args), prepare_data=command == "retrain")
+        elif command == "rollback":
+            from job.promote import rollback
+
+            decision = rollback(args["models"], args["to"])
+            print(f"{args['models']}/current is {decision['release']} again "
+                  f"(test accuracy {decision['test_accuracy']:.4f}; serving version "
+                  f"{decision['serving_version']}): {decision['reason']}")
         else:
             from job.results import evaluate
 

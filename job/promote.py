@@ -3,24 +3,31 @@
     MODELS/releases/<run_name>[.N]/   a full copy of the run's OUTPUT (model, metrics, plots);
                                       a release is never changed or deleted once written
     MODELS/current                    a symlink to one release: the stable path consumers read
-    MODELS/promotions.jsonl           every decision, accepted or not, with both accuracies
+    MODELS/promotions.jsonl           every decision, accepted or not, with both accuracies,
+                                      and every rollback
+    MODELS/serving/<N>/               what `current` holds, as TF Serving (and KServe's TensorFlow
+                                      runtime) load it: the SavedModel of each accepted model or
+                                      rollback as the next integer version; servers serve the
+                                      highest, so they follow `current`
 
 Promotions into one MODELS dir take turns (a lock: read, decide, switch as one step). The switch
 is one atomic rename of a new symlink over the old one, made only after the release is completely
 copied: a rejected, failed or interrupted promotion never touches `current`, and the release it
 points to is never removed. Promoting the model that is already current (a rerun of a finished
-run, a RayJob retry) changes nothing.
+run, a RayJob retry) changes nothing. A rollback (`python -m job rollback --models MODELS`) is a
+promotion of an earlier release, without the gate: the same lock, switch, record and version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
 
-from job.config import JobConfig
+from job.config import JobConfig, JobError
 from job.runlock import waiting_lock
 
 
@@ -51,7 +58,7 @@ def promote(cfg: JobConfig, output: str, metrics: dict) -> dict:
     models = cfg.promote_to
     os.makedirs(os.path.join(models, "releases"), exist_ok=True)
     with waiting_lock(os.path.join(models, ".promote.lock"), f"promotion into {models}"):
-        current = current_metrics(models)
+        current, release, version = current_metrics(models), None, None
         current_accuracy = current["test_accuracy"] if current else None
         if current and same_model(current, metrics):
             accepted, reason = True, "this model is already current: nothing changed"
@@ -59,13 +66,69 @@ def promote(cfg: JobConfig, output: str, metrics: dict) -> dict:
             accepted, reason = decide(metrics["test_accuracy"], current_accuracy, cfg.min_accuracy,
                                       cfg.max_regression)
             if accepted:
-                switch_current(models, release_copy(models, cfg.run_name, output))
+                release = release_copy(models, cfg.run_name, output)
+                switch_current(models, release)
+                version = serve(models, release)
         decision = {"run_name": cfg.run_name, "accepted": accepted, "reason": reason,
+                    **({"release": os.path.basename(release), "serving_version": version}
+                       if release else {}),
                     "test_accuracy": metrics["test_accuracy"], "current_accuracy": current_accuracy,
                     "min_accuracy": cfg.min_accuracy, "max_regression": cfg.max_regression,
                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        with open(os.path.join(models, "promotions.jsonl"), "a") as f:
-            f.write(json.dumps(decision) + "\n")
+        record(models, decision)
+    return decision
+
+
+def record(models: str, decision: dict) -> None:
+    with open(os.path.join(models, "promotions.jsonl"), "a") as f:
+        f.write(json.dumps(decision) + "\n")
+
+
+def serve(models: str, release: str) -> int:
+    """Copy the release's SavedModel to MODELS/serving/<next version>; that version. Renamed
+    into place complete: a server polling the directory never loads half a version."""
+    serving = os.path.join(models, "serving")
+    os.makedirs(serving, exist_ok=True)
+    version = max((int(v) for v in os.listdir(serving) if v.isdigit()), default=0) + 1
+    partial = tempfile.mkdtemp(prefix=f".{version}.partial-", dir=serving)
+    try:
+        shutil.copytree(os.path.join(release, "model"), partial, dirs_exist_ok=True)
+        os.rename(partial, os.path.join(serving, str(version)))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return version
+
+
+def current_release(models: str) -> str | None:
+    link = os.path.join(models, "current")
+    return os.path.basename(os.readlink(link)) if os.path.islink(link) else None
+
+
+def rollback(models: str, to: str = "") -> dict:
+    """Make release `to` (default: the one current before the current one) current again."""
+    with waiting_lock(os.path.join(models, ".promote.lock"), f"rollback in {models}"):
+        now = current_release(models)
+        if not to:
+            history = []  # the releases made current, in order (promotions and rollbacks)
+            with contextlib.suppress(FileNotFoundError), open(os.path.join(models, "promotions.jsonl")) as f:
+                history = [d["release"] for d in map(json.loads, f) if d.get("release")]
+            earlier = [r for r in history[:-1] if r != now]
+            if not earlier:
+                raise JobError(f"{models}: no earlier release in promotions.jsonl to roll back to: "
+                               f"name one of {models}/releases/ with --to")
+            to = earlier[-1]
+        release = os.path.join(models, "releases", to)
+        if not os.path.isfile(os.path.join(release, "model", "saved_model.pb")):
+            raise JobError(f"{release}: no such release (or it holds no model)")
+        switch_current(models, release)
+        restored = current_metrics(models)
+        decision = {"run_name": restored["run_name"], "accepted": True,
+                    "reason": f"rollback from {now}", "rollback": True, "release": to,
+                    "serving_version": serve(models, release),
+                    "test_accuracy": restored["test_accuracy"],
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        record(models, decision)
     return decision
 
 

@@ -125,3 +125,45 @@ def test_promotions_into_one_models_dir_take_turns(tmp_path):
     decision = json.loads(waiter.communicate(timeout=60)[0])
     assert decision["current_accuracy"] == 0.96  # decided after the holder's switch
     assert not decision["accepted"] and current(tmp_path)["run_name"] == "better"
+
+
+def rollback_cli(models, *args):
+    return subprocess.run([sys.executable, "-m", "job", "rollback", "--models", str(models), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_each_accepted_model_becomes_the_next_serving_version(tmp_path):
+    promote(*make_run(tmp_path, "a", 0.91))
+    promote(*make_run(tmp_path, "low", 0.50))  # rejected: no version
+    promote(*make_run(tmp_path, "b", 0.92))
+    serving = tmp_path / "models" / "serving"
+    assert sorted(os.listdir(serving)) == ["1", "2"]  # nothing half-written beside them
+    assert (serving / "1" / "saved_model.pb").read_bytes() == b"a"
+    assert (serving / "2" / "saved_model.pb").read_bytes() == b"b"
+    assert [d.get("serving_version") for d in log(tmp_path)] == [1, None, 2]
+
+
+def test_a_rollback_puts_the_earlier_release_back_everywhere(tmp_path):
+    promote(*make_run(tmp_path, "a", 0.91))
+    promote(*make_run(tmp_path, "b", 0.92))
+    models = tmp_path / "models"
+    r = rollback_cli(models)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{models}/current is a again (test accuracy 0.9100; serving version 3)")
+    assert current(tmp_path)["run_name"] == "a"
+    assert (models / "serving" / "3" / "saved_model.pb").read_bytes() == b"a"  # the highest: a
+    last = log(tmp_path)[-1]
+    assert last["rollback"] and last["release"] == "a" and last["reason"] == "rollback from b"
+    assert rollback_cli(models).returncode == 0  # the one before that: b, as version 4
+    assert current(tmp_path)["run_name"] == "b"
+    r = rollback_cli(models, "--to", "nope")
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {models}/releases/nope: no such release (or it holds no model)"
+    assert current(tmp_path)["run_name"] == "b"
+
+
+def test_with_no_earlier_release_a_rollback_says_so(tmp_path):
+    promote(*make_run(tmp_path, "a", 0.91))
+    r = rollback_cli(tmp_path / "models")
+    assert r.returncode == 2 and "no earlier release in promotions.jsonl" in r.stderr
+    assert current(tmp_path)["run_name"] == "a"

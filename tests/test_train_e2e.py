@@ -147,6 +147,24 @@ def test_a_rejected_model_ends_the_run_with_exit_status_3(finished_run, small_da
     assert not (tmp / "models-strict" / "current").exists()
 
 
+def test_the_promoted_model_is_served_as_tf_serving_loads_it(finished_run, small_data):
+    import numpy as np
+    import tensorflow as tf
+
+    from job.data import read_split
+
+    tmp, _ = finished_run
+    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    serving = tmp / "models" / "serving"
+    assert os.listdir(serving) == ["1"]  # BASE/<integer version>/ ...
+    assert (serving / "1" / "saved_model.pb").exists() and (serving / "1" / "variables").is_dir()
+    signature = tf.saved_model.load(str(serving / "1")).signatures["serving_default"]
+    images, labels = read_split(small_data, "test")
+    [probabilities] = signature(tf.constant(images[..., None] / 255.0, tf.float32)).values()
+    accuracy = float(np.mean(np.argmax(probabilities, axis=1) == labels))
+    assert accuracy == pytest.approx(metrics["test_accuracy"])
+
+
 def test_exported_model_reloads_and_scores_the_same(finished_run, small_data):
     tmp, _ = finished_run
     metrics = json.loads((tmp / "out" / "metrics.json").read_text())
