@@ -3,15 +3,16 @@ the machine: another user's cluster, a test's).
 
     python -m cluster.stop GCS_ADDRESS      e.g. 127.0.0.1:6380
 
-Its processes: those whose command line names its GCS address (gcs_server, raylets, the
-dashboard and its agents, log monitors), and all their descendants (workers, whose titles Ray
-rewrites).
+Its processes: those whose command line names its session directory (found from the GCS
+server listening on the port: raylets, the dashboard and its agents, log monitors), and all
+their descendants (workers, whose titles Ray rewrites).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
@@ -21,10 +22,15 @@ from job.health import processes, with_descendants
 
 
 def cluster_pids(gcs_address: str) -> set[int]:
-    host, port = gcs_address.rsplit(":", 1)
-    marks = (f"{host}:{port}".encode(), f"--gcs_server_port={port}".encode())
+    """The cluster's processes: its GCS server's (found by port), every process naming the GCS
+    server's session directory, and their descendants."""
+    port = gcs_address.rsplit(":", 1)[1]
     table = processes()
-    named = {pid for pid, (_, cmdline) in table.items() if any(m in cmdline for m in marks)}
+    sessions = {re.search(rb"(/[^\0=]*/session_[^/\0]+)", cmdline).group(1)
+                for _, cmdline in table.values()
+                if f"--gcs_server_port={port}\0".encode() in cmdline + b"\0"
+                and re.search(rb"/session_[^/\0]+", cmdline)}
+    named = {pid for pid, (_, cmdline) in table.items() if any(s in cmdline for s in sessions)}
     return with_descendants(named, table) - {os.getpid()}
 
 
