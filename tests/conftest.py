@@ -62,6 +62,13 @@ def same_model(a: dict, b: dict) -> bool:
     return (a["test_loss"], a["test_accuracy"]) == (b["test_loss"], b["test_accuracy"])
 
 
+def wait_for(condition, what: str, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
 def run_cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """`python -m job ARGS` in a subprocess, as a user would run it."""
     return subprocess.run([sys.executable, "-m", "job", *args], cwd=REPO, capture_output=True,

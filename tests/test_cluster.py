@@ -18,7 +18,7 @@ import pytest
 
 from cluster.stop import cluster_pids
 from job.health import processes
-from tests.conftest import INTERRUPTED_EPOCHS, RAY, error_line, ray_job, run_cli, same_model
+from tests.conftest import INTERRUPTED_EPOCHS, RAY, error_line, ray_job, run_cli, same_model, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +33,6 @@ def submit(cluster, data, tmp, *flags):
                 *flags)
     assert r.returncode == 0, r.stderr
     return job_id
-
-
-def wait_for(condition, what: str, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def has_checkpoint(tmp) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import INTERRUPTED_EPOCHS, REPO, same_model
+from tests.conftest import INTERRUPTED_EPOCHS, REPO, same_model, wait_for
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
@@ -68,13 +68,6 @@ def train(hosts, data, tmp, *flags) -> subprocess.Popen:
 
 def console(tmp) -> str:
     return (tmp / "console.log").read_text()
-
-
-def wait_for(condition, what: str, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def first_checkpoint(driver, tmp) -> None:

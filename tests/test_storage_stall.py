@@ -13,8 +13,7 @@ import time
 import pytest
 
 from job.health import PROBE_SECONDS
-from tests.conftest import INTERRUPTED_EPOCHS, REPO, same_model
-from tests.test_hosts import wait_for
+from tests.conftest import INTERRUPTED_EPOCHS, REPO, same_model, wait_for
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="loop mounts and fsfreeze need root")]
