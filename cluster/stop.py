@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from job.health import processes, with_descendants
+from job.guards import processes, with_descendants
 
 
 def cluster_pids(gcs_address: str) -> set[int]:

@@ -7,9 +7,7 @@ Nothing is written to OUTPUT until the run has finished; then OUTPUT is replaced
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import tempfile
 import threading
@@ -19,7 +17,7 @@ from functools import partial
 from job import data as D
 from job.config import JobConfig, JobError, ModelRejected
 from job.env import job_env
-from job.health import StorageWatch, stop_now
+from job.guards import StorageWatch, TimeBudget, stop_now
 from job.results import METRICS_FILE, check_output_dir, score, write_json_atomically, write_output
 from job.runlock import data_lock, output_lock, run_lock
 
@@ -230,51 +228,6 @@ def run(cfg: JobConfig, prepare_data: bool = False) -> dict:
     with run_lock(cfg.storage_path, cfg.run_name), output_lock(cfg.output):
         check_output_dir(cfg)
         return train_and_evaluate(cfg, manifest, started, budget)
-
-
-class TimeBudget:
-    """The driver's own deadline (--time-budget; 0: none).
-
-    A RayJob's activeDeadlineSeconds only marks it Failed: the operator stops nothing. So the
-    driver ends training itself when its budget runs out, through Ray Train's own abort (the
-    SIGINT handler `trainer.fit` installs: it aborts the controller and its workers), and checks
-    the budget again before it writes OUTPUT or promotes.
-    """
-
-    def __init__(self, seconds: int):
-        self.seconds = seconds
-        self.deadline = time.monotonic() + seconds if seconds else None
-        self.exceeded = False
-
-    def check(self) -> None:
-        if self.exceeded or (self.deadline and time.monotonic() > self.deadline):
-            raise JobError(f"time budget of {self.seconds} s (--time-budget) exceeded: training "
-                           f"stopped, nothing written or promoted (a rerun resumes from the last "
-                           f"checkpoint)")
-
-    @contextlib.contextmanager
-    def aborting(self):
-        """Run the block (trainer.fit); abort it like Ctrl-C would when the budget runs out."""
-        if not self.deadline:
-            yield
-            return
-
-        def abort():
-            self.exceeded = True
-            os.kill(os.getpid(), signal.SIGINT)
-
-        timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), abort)
-        previous = signal.getsignal(signal.SIGINT)
-        timer.start()
-        try:
-            yield
-        except BaseException:  # what the abort raised (KeyboardInterrupt, a training error)
-            self.check()
-            raise
-        finally:
-            timer.cancel()
-            signal.signal(signal.SIGINT, previous)  # fit leaves its handler installed
-        self.check()
 
 
 def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float, budget: TimeBudget) -> dict:

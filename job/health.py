@@ -1,4 +1,4 @@
-"""Health of a run: what failed and where, which worker is slow, whether storage still answers.
+"""Health of a run: what failed and where, and which worker is slow.
 
 - Workers: each announces its address when it starts (`WorkerStarted`) and times its own compute
   per step, apart from its wait in the all-reduce (`ReplicaLocalMetrics.train_step` reads the
@@ -6,28 +6,18 @@
   REPORT_SECONDS to the driver's queue, like progress: no worker waits for another.
 - The driver names the failed worker(s) and the cause from the exceptions Ray Train reports
   (`describe_failure`), and a straggler from the step times (`StragglerWatch`).
-- `StorageWatch`: a child process writes to --storage-path every PROBE_SECONDS; when no write
-  has completed for --storage-timeout seconds the driver ends the run with one line, without
-  waiting on workers that may be stuck in the kernel on that storage.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import signal
 import statistics
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass
 
 REPORT_SECONDS = 2.0  # how often each worker sends its compute time per step
 STRAGGLER_RATIO = 1.5  # slower than the other workers' median by this much ...
 STRAGGLER_WINDOWS = 2  # ... in this many reports in a row: a straggler
-PROBE_SECONDS = 10.0  # storage: one small write this often
 
 
 @dataclass(frozen=True)
@@ -178,89 +168,3 @@ class StragglerWatch:
         self.named.add(t.rank)
         return (f"straggler: worker {t.rank} on {address}: {t.ms:.0f} ms a step vs "
                 f"{median:.0f} ms (median of the others), epoch {t.epoch}")
-
-
-PROBE = """
-import os, sys, time
-path = os.path.join(sys.argv[1], f".storage-probe-{os.uname().nodename}-{os.getppid()}")
-while True:
-    if "://" in sys.argv[1]:
-        import pyarrow.fs as pafs
-        fs, p = pafs.FileSystem.from_uri(path)
-        with fs.open_output_stream(p) as f:
-            f.write(b"probe")
-        fs.delete_file(p)
-    else:
-        os.makedirs(sys.argv[1], exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(b"probe")
-            f.flush()
-            os.fsync(f.fileno())
-        os.unlink(path)
-    print("ok", flush=True)
-    time.sleep(float(sys.argv[2]))
-"""
-
-
-class StorageWatch:
-    """While the block runs, a child process writes to `path` every PROBE_SECONDS; when none has
-    completed for `timeout` seconds, `on_stall(seconds)` is called (once). The child, not this
-    process, waits on the storage: a process stuck in the kernel on it cannot be killed."""
-
-    def __init__(self, path: str, timeout: float, on_stall):
-        self.path, self.timeout, self.on_stall = path, timeout, on_stall
-        self.last_ok = time.monotonic()
-        self.done = threading.Event()
-
-    def __enter__(self):
-        if not self.timeout:
-            return self
-        self.child = subprocess.Popen([sys.executable, "-c", PROBE, self.path, str(PROBE_SECONDS)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        threading.Thread(target=self.read, daemon=True).start()
-        threading.Thread(target=self.watch, daemon=True).start()
-        return self
-
-    def read(self) -> None:
-        for _ in self.child.stdout:
-            self.last_ok = time.monotonic()
-
-    def watch(self) -> None:
-        while not self.done.wait(1.0):
-            silent = time.monotonic() - self.last_ok
-            if silent > self.timeout:
-                self.on_stall(silent)
-                return
-
-    def __exit__(self, *exc):
-        self.done.set()
-        if self.timeout:
-            self.child.kill()  # not waited for: it may be stuck on the storage
-
-
-def processes() -> dict[int, tuple[int, bytes]]:
-    """pid -> (parent pid, command line) of every process of this machine."""
-    found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with (contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{pid}/stat") as stat,
-              open(f"/proc/{pid}/cmdline", "rb") as cmdline):
-            found[int(pid)] = (int(stat.read().rsplit(")", 1)[1].split()[1]), cmdline.read())
-    return found
-
-
-def with_descendants(pids: set[int], table: dict) -> set[int]:
-    pids = set(pids)
-    while children := {pid for pid, (parent, _) in table.items() if parent in pids} - pids:
-        pids |= children
-    return pids
-
-
-def stop_now(line: str, status: int = 2) -> None:
-    """Print `line` and end this process at once, with its children (a private local Ray): a
-    signal each, no wait, as a worker stuck in the kernel would hold up any cleanup."""
-    sys.stdout.flush()
-    print(line, file=sys.stderr, flush=True)
-    for pid in with_descendants({os.getpid()}, processes()) - {os.getpid()}:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    os._exit(status)

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from cluster.stop import cluster_pids
-from job.health import processes
+from job.guards import processes
 from tests.conftest import INTERRUPTED_EPOCHS, RAY, error_line, ray_job, run_cli, same_model, wait_for
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from job.health import PROBE_SECONDS
+from job.guards import PROBE_SECONDS
 from tests.conftest import INTERRUPTED_EPOCHS, REPO, same_model, wait_for
 
 pytestmark = [pytest.mark.slow,
