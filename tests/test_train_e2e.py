@@ -160,7 +160,9 @@ def test_the_promoted_model_is_served_as_tf_serving_loads_it(finished_run, small
     assert (serving / "1" / "saved_model.pb").exists() and (serving / "1" / "variables").is_dir()
     signature = tf.saved_model.load(str(serving / "1")).signatures["serving_default"]
     images, labels = read_split(small_data, "test")
-    [probabilities] = signature(tf.constant(images[..., None] / 255.0, tf.float32)).values()
+    [name] = signature.structured_input_signature[1]  # servers call it by its input's name
+    pixels = tf.constant(images.reshape(-1, 28, 28, 1) / 255.0, tf.float32)
+    [probabilities] = signature(**{name: pixels}).values()
     accuracy = float(np.mean(np.argmax(probabilities, axis=1) == labels))
     assert accuracy == pytest.approx(metrics["test_accuracy"])
 
