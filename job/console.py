@@ -7,6 +7,10 @@ queue on the driver's node; the driver prints them here:
   summary line;
 - elsewhere (`ray job logs`, pod logs, CI), a plain line per message, which rank 0 sends at most
   every `--progress-seconds`.
+
+The same queue carries every worker's messages of job/health.py: its address when it starts,
+its compute time per step (a `straggler:` line when one lags), and each failure Ray reported,
+printed as one line naming the workers, the cause and what comes next.
 """
 
 from __future__ import annotations
