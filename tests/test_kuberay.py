@@ -139,10 +139,11 @@ def test_scheduled_rayjob_trains_once_retries_idle_and_gates_promotion(
     assert retry[-1].returncode == 0 and len(retry) == 1 and status == "SUCCEEDED"
     assert metrics_file.read_bytes() == before and len(promotions(pods.models())) == 1
 
-    # Next night, a broken recipe (a learning rate that learns nothing): trained, not promoted.
+    # Next night, a broken recipe (a learning rate that learns nothing): trained, not promoted,
+    # and the RayJob fails.
     pods.configure(name="retrain-broken", output="/mnt/models/runs/retrain-broken", learning_rate=1e-9)
     _, submitters, status = pods.submit(cluster)
-    assert status == "SUCCEEDED"  # the Ray job's own status, as the submitter pod saw it
+    assert status == "FAILED"  # a rejected model fails the night (exit 3), so alerting fires
     worse = json.loads((pods.models() / "runs/retrain-broken/metrics.json").read_text())
     assert worse["test_accuracy"] < first["test_accuracy"] - first["config"]["max_regression"]
     decision = promotions(pods.models())[-1]
