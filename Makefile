@@ -64,7 +64,7 @@ seeds: data
 # On a machine with NVIDIA GPUs: what TensorFlow sees, short real runs per recipe, one table.
 gpu-check: data
 	$(PY) -m pip install -q -e '.[gpu,dev]'
-	$(PY) bench/gpu_check.py --data $(DATA) --epochs $(if $(filter command line,$(origin EPOCHS)),$(EPOCHS),3) $(FLAGS)
+	$(PY) bench/gpu_check.py --data $(DATA) --epochs $(if $(filter command line,$(origin EPOCHS)),$(EPOCHS),3) -- $(FLAGS)
 
 test: setup fashion-mnist-source
 	$(PY) -m pytest

@@ -76,9 +76,11 @@ def run_cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedP
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
-    """The CLI's one-line error (TensorFlow may print start-up lines of its own before it)."""
+    """The CLI's one-line error (TensorFlow may print start-up lines of its own before it), and
+    no traceback beside it."""
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, result.stderr
+    assert "Traceback (most recent call last)" not in result.stderr + result.stdout, result.stderr
     return lines[0]
 
 

@@ -4,10 +4,12 @@ start --num-gpus`), and TensorFlow sees none. Such a run must fail at once, not 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import error_line, run_cli
+from tests.conftest import REPO, error_line, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -37,3 +39,15 @@ def test_one_real_gpu_worker_trains_on_the_gpu(small_data, tmp_path):
     r = run_cli("train", "--data", small_data, "--use-gpu", "--num-workers", "1", "--epochs", "1",
                 "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ckpt"))
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_gpu_check_takes_the_job_flags_and_says_why_it_cannot_run_here(small_data):
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--data", small_data, "--epochs", "1",
+                        "--", "--fast", "--seed", "3"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    from job.gpu import gpu_names
+
+    if gpu_names():
+        pytest.skip("a GPU is here: the check would train")
+    assert r.returncode == 1, r.stderr[-2000:]  # not argparse's 2: the flags were taken
+    assert error_line(r).startswith("error: no GPU for TensorFlow: "), r.stderr[-2000:]

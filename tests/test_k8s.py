@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import re
 import shlex
+import time
 import tomllib
 from pathlib import Path
 
@@ -173,6 +175,7 @@ def test_entrypoint_is_one_command_of_the_jobs_own_cli():
     """KubeRay pastes the entrypoint raw into `bash -ce '... -- ENTRYPOINT ; fi ; ...'`: any shell
     operator would split it (tests/test_kuberay.py runs it the way the operator does)."""
     job_toml = tomllib.loads((K8S / "job.toml").read_text())
+    runs = {}
     for name, spec in rayjob_specs():
         entrypoint = spec["entrypoint"]
         assert not re.search(r"[;&|<>`$(){}\n]", entrypoint), (name, entrypoint)
@@ -180,8 +183,8 @@ def test_entrypoint_is_one_command_of_the_jobs_own_cli():
         assert command[:3] == ["python", "-m", "job"], name
         flags = vars(make_parser().parse_args(command[3:]))
         assert flags.pop("command") == "retrain" and flags.pop("config") == "/etc/fashion/job.toml"
-        cfg = build_config(job_toml, flags)
-        assert cfg.use_gpu and cfg.run_name.startswith("retrain-") and "%" not in cfg.output
+        cfg = runs[name] = build_config(job_toml, flags)
+        assert cfg.use_gpu and cfg.output == f"/mnt/models/runs/{cfg.run_name}"
         assert cfg.promote_to and cfg.source, "the nightly run prepares its data and passes the gate"
         workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]
         assert workers["replicas"] == workers["maxReplicas"] == cfg.num_workers
@@ -193,6 +196,13 @@ def test_entrypoint_is_one_command_of_the_jobs_own_cli():
         assert 0 < cfg.time_budget <= (spec["activeDeadlineSeconds"]
                                        - spec.get("preRunningDeadlineSeconds", 0) - 600), name
     assert CONFIGMAP["data"]["job.toml"] == (K8S / "job.toml").read_text()
+    # The night's run is the day's (a retry resumes it); the fresh one is a run of its own minute,
+    # trained with the same settings.
+    fresh = runs.pop("ray-job.fresh-now.yaml")
+    assert {cfg.run_name for cfg in runs.values()} == {time.strftime("retrain-%Y%m%d", time.gmtime())}
+    assert re.fullmatch(r"now-\d{8}T\d{4}Z", fresh.run_name), fresh.run_name
+    night = runs["configmap:rayjob.yaml"]
+    assert dataclasses.replace(fresh, name=night.name, output=night.output) == night
 
 
 def test_ray_version_matches_image_tag_and_pin():

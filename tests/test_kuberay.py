@@ -24,7 +24,7 @@ from tests.kuberay import (
     ray_job_status,
     run_submitter_job,
 )
-from tests.test_k8s import CONFIGMAP, rayjob_specs
+from tests.test_k8s import CONFIGMAP, rayjob_specs, render
 
 pytestmark = pytest.mark.slow
 IMAGE_IDX_DIR = "/opt/fashion-mnist"  # where k8s/image/Dockerfile puts the official IDX files
@@ -114,9 +114,13 @@ def test_every_rayjob_in_k8s_gets_the_same_submitter_command():
     """The operator's submitter command is a function of the RayJob's spec: the CronJob's
     template, the variants/ RayJob and the RayCronJob's jobTemplate yield the same command, so
     running it once (the tests below) runs every one of them."""
-    assert set(RAYJOBS) == {"configmap:rayjob.yaml", "ray-job.train-now.yaml", "ray-cronjob.nightly.yaml"}
+    assert set(RAYJOBS) == {"configmap:rayjob.yaml", "ray-job.train-now.yaml",
+                            "ray-cronjob.nightly.yaml", "ray-job.fresh-now.yaml"}
     commands = {name: job_submit_command(spec, "head-svc:8265", "fashion-retrain-abcde-fghij")
                 for name, spec in RAYJOBS.items()}
+    # The fresh run's only difference: the run of its own it names (tests/test_k8s.py).
+    commands["ray-job.fresh-now.yaml"] = commands["ray-job.fresh-now.yaml"].replace(
+        render.FRESH_FLAGS, "", 1)
     assert len(set(commands.values())) == 1, commands
     command = commands["configmap:rayjob.yaml"]
     assert command.count(" -- python -m job retrain --config /etc/fashion/job.toml ; fi ; ") == 1
