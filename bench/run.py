@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 SPEED_EPOCHS = 3
 TARGET_ACCURACY = 0.90
 
-# (figure, ceiling): README's targets, checked at the end of every run.
+# (figure, ceiling): docs/benchmarks.md's targets, checked at the end of every run.
 TARGETS = [
     ("collectives per training step, 2 workers", 1),
     ("ray_2_workers / ray_1_worker", 1.10),

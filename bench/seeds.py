@@ -25,14 +25,19 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT = "default"  # the defaults themselves: what `make train-local` runs
 
 
+def train_args(recipe: str, seed: int, data: str, out: Path, flags: list[str]) -> list[str]:
+    """The `python -m job` arguments of one seed's run."""
+    preset = [] if recipe == DEFAULT else ["--recipe", recipe]
+    return ["train", "--data", data, *preset, "--seed", str(seed), "--output",
+            str(out / f"{recipe}-seed{seed}"), "--storage-path", str(out / "checkpoints"), *flags]
+
+
 def run_seed(recipe: str, seed: int, data: str, out: Path, flags: list[str]) -> dict:
     run = out / f"{recipe}-seed{seed}"
     if not (run / "metrics.json").exists():
         print(f"seeds: {recipe}, seed {seed}", flush=True)
-        preset = [] if recipe == DEFAULT else ["--recipe", recipe]
-        subprocess.run([sys.executable, "-m", "job", "train", "--data", data, *preset,
-                        "--seed", str(seed), "--output", str(run), "--storage-path",
-                        str(out / "checkpoints"), *flags], cwd=REPO, check=True)
+        subprocess.run([sys.executable, "-m", "job", *train_args(recipe, seed, data, out, flags)],
+                       cwd=REPO, check=True)
     return json.loads((run / "metrics.json").read_text())
 
 
@@ -48,14 +53,18 @@ def table(recipe: str, runs: dict[int, dict]) -> str:
         "| --- | --- | --- | --- | --- | --- |", *rows, ""])
 
 
-def main() -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", choices=(DEFAULT, *RECIPES), default=DEFAULT)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--data", default=str(REPO / "data" / "fashion-mnist"))
     parser.add_argument("--out", default=str(REPO / "runs" / "seeds"))
     parser.add_argument("flags", nargs="*", help="after --: more flags of `python -m job train`")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = make_parser().parse_args()
     out = Path(args.out)
     runs = {seed: run_seed(args.recipe, seed, args.data, out, args.flags) for seed in args.seeds}
     text = table(args.recipe, runs)

@@ -67,7 +67,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def reference_markdown() -> str:
-    """docs/cli.md: every command's flags as the parser defines them (`make docs` writes it)."""
+    """The text of docs/cli.md, every command's flags as the parser defines them (`make docs`)."""
     parser = make_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     lines = ["# Command-line reference", "",

@@ -21,7 +21,7 @@ JOB_ENV = {
     # TensorFlow's BFC allocator for host memory, not its default pool (process_state.cc). Under
     # any tf.distribute strategy the default one hands each step's large buffers back to the OS
     # and gets fresh pages again: perf showed ~25 % of a CPU step in page faults and page
-    # zeroing, and a step took 1.8x as long as without a strategy (README, Benchmark).
+    # zeroing, and a step took 1.8x as long as without a strategy (docs/design.md: host memory).
     "TF_CPU_ALLOCATOR_USE_BFC": "true",
 }
 

@@ -87,7 +87,7 @@ def test_prepare_data_refuses_a_foreign_non_empty_directory(source_dir, tmp_path
 
 @pytest.mark.skipif(not can_unshare_mounts(), reason="needs a private mount namespace for a read-only mount")
 def test_prepare_data_on_a_read_only_volume_is_one_clear_error(source_dir, tmp_path):
-    """As on an RWX volume this user may not write (README: RWX ownership)."""
+    """As on an RWX volume this user may not write (docs/kubernetes.md: RWX ownership)."""
     volume = tmp_path / "volume"
     volume.mkdir()
     read_only = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'

@@ -82,6 +82,69 @@ def test_every_job_command_shown_parses(page):
                 pytest.fail(f"{page.name}: python -m job {command}")
 
 
+@pytest.fixture(scope="module")
+def full_data(source_dir, tmp_path_factory) -> str:
+    """The whole data set as `prepare-data` writes it by default (8 shards a split, 2 s)."""
+    from job.data import prepare_data
+
+    out = str(tmp_path_factory.mktemp("full") / "fashion-mnist")
+    prepare_data(source_dir, out)
+    return out
+
+
+def make_job_args(make_args: list[str]) -> list[list[str]]:
+    """The `python -m job train` arguments a `make` command runs (`make -n`)."""
+    from bench import seeds
+
+    found = []
+    for line in re.sub(r"\\\n\s*", " ", make_dry_run(*make_args)).splitlines():
+        if m := re.search(r"-m job (train .*)", line):
+            found.append(shlex.split(m.group(1)))
+        elif m := re.search(r"-m bench\.seeds (.*)", line):
+            a = seeds.make_parser().parse_args(shlex.split(m.group(1)))
+            found += [seeds.train_args(a.recipe, seed, a.data, Path(a.out), a.flags) for seed in a.seeds]
+    assert found, f"make {shlex.join(make_args)} runs no training"
+    return found
+
+
+def training_commands(page: Path) -> list[list[str]]:
+    """Every `python -m job train|retrain` and `make train-local|submit|seeds` a page shows."""
+    found = []
+    for code in code_and_text(page):
+        for command in job_commands(code):
+            args = shlex.split(command, comments=True)
+            if args and args[0] in ("train", "retrain"):
+                found.append(args)
+        for line in re.sub(r"\\\n\s*", " ", code).splitlines():
+            if m := re.match(r"\s*make ((?:train-local|submit|seeds)\b.*)", line):
+                found += make_job_args(shlex.split(m.group(1), comments=True))
+    return found
+
+
+CONFIG_FILES = {"/etc/fashion/job.toml": str(Path(REPO, "k8s", "job.toml"))}  # the ConfigMap's
+
+
+@pytest.mark.slow  # make -n of each make command: ~10 s
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name != "cli.md"], ids=lambda p: p.name)
+def test_every_training_command_shown_passes_the_jobs_checks(page, full_data):
+    """All the job checks before Ray starts (its config, the dataset's shards against the batch
+    and worker counts), on the whole data set as prepare-data writes it by default."""
+    from job import data as D
+    from job.config import JobError, build_config, load_config_file
+
+    manifest = D.validate_dataset(full_data)
+    for args in training_commands(page):
+        flags = vars(make_parser().parse_args(args))
+        flags.pop("command")
+        config = flags.pop("config", None)
+        try:
+            file_values = load_config_file(CONFIG_FILES.get(config, config)) if config else {}
+            cfg = build_config(file_values, {**flags, "data": full_data})
+            D.check_partitions(cfg.data, manifest, cfg.batch_size, cfg.world_sizes)
+        except JobError as e:
+            pytest.fail(f"{page.name}: python -m job {shlex.join(args)}: {e}")
+
+
 def test_the_flag_reference_is_current():
     assert Path(REPO, "docs", "cli.md").read_text() == reference_markdown(), "run `make docs`"
 
@@ -129,3 +192,33 @@ def test_the_promotion_floor_is_the_strong_models_measured_minimum_less_its_marg
     floor = tomllib.loads(Path(REPO, "k8s", "job.toml").read_text())["min_accuracy"]
     assert len(measured) >= 3 and f"min {min(measured):.4f}" in section
     assert floor == math.floor((min(measured) - margin) * 100) / 100  # rounded down, two decimals
+
+
+# Pointers from code, manifests and pages to a page's section: "(docs/kubernetes.md: deadlines)",
+# "(README: on a Ray cluster)"; the section is the start of one of the page's headings.
+POINTER = re.compile(r"\b(README|docs/[\w-]+\.md): ([^):;,`\n]+)")
+# A path of this repository named in a page, a comment or a docstring.
+REPO_PATH = re.compile(r"(?<![\w/.~-])((?:job|k8s|cluster|bench|tests|docs)/[\w./-]*[\w/])")
+TRACKED = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.split()
+TEXT_FILES = [Path(REPO, f) for f in TRACKED if "schemas/" not in f
+              and (Path(f).suffix in (".py", ".md", ".yaml", ".toml", ".sh") or Path(f).name in ("Makefile", "Dockerfile"))]
+
+
+def headings(page: Path) -> list[str]:
+    return [re.sub(r"[`*]", "", line.lstrip("#").strip()).lower()
+            for line in page.read_text().splitlines() if re.match(r"#{1,4} ", line)]
+
+
+@pytest.mark.parametrize("path", TEXT_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_section_and_path_pointed_to_exists(path):
+    text = path.read_text()
+    for page, section in POINTER.findall(text):
+        target = Path(REPO, "README.md" if page == "README" else page)
+        assert target.exists(), f"{page} ({section})"
+        assert any(h.startswith(section.strip().lower()) for h in headings(target)), \
+            f"no section {section.strip()!r} in {page}"
+    for named in REPO_PATH.findall(text):
+        if "." not in named.rstrip(".") and not named.endswith("/"):
+            continue  # a module path, or a Kubernetes `job/NAME`
+        assert Path(REPO, named.rstrip(".")).exists() or list(Path(REPO).glob(named)), named
