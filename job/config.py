@@ -188,8 +188,8 @@ class JobConfig:
 DEFAULTS = JobConfig(data="-")  # the defaults, for presets
 
 
-# `--fast`: reach the reference's accuracy sooner (measured: docs/benchmarks.md: speed, `make bench`). A bigger
-# per-worker batch means fewer, larger steps and all-reduces; the learning rate grows with the
+# `--fast`: reach the reference's accuracy sooner (docs/benchmarks.md: speed; `make bench`). A
+# bigger per-worker batch means fewer, larger steps and all-reduces; the learning rate grows with the
 # square root of the batch (usual for Adam). Fewer steps per epoch need a few more epochs: the
 # seed model scored 0.8970 after 10 such epochs and 0.9010 after 12 (`make bench` times it
 # against the reference recipe). On GPUs also float16, and XLA with one worker; on CPUs XLA

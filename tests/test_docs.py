@@ -201,8 +201,8 @@ POINTER = re.compile(r"\b(README|docs/[\w-]+\.md): ([^):;,`\n]+)")
 REPO_PATH = re.compile(r"(?<![\w/.~-])((?:job|k8s|cluster|bench|tests|docs)/[\w./-]*[\w/])")
 TRACKED = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout.split()
-TEXT_FILES = [Path(REPO, f) for f in TRACKED if "schemas/" not in f
-              and (Path(f).suffix in (".py", ".md", ".yaml", ".toml", ".sh") or Path(f).name in ("Makefile", "Dockerfile"))]
+TEXT_FILES = [Path(REPO, f) for f in TRACKED if "schemas/" not in f and (
+    Path(f).suffix in (".py", ".md", ".yaml", ".toml", ".sh") or Path(f).name in ("Makefile", "Dockerfile"))]
 
 
 def headings(page: Path) -> list[str]:
