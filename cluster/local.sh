@@ -11,6 +11,7 @@ RAY=${RAY:-.venv/bin/ray}
 CLUSTER_DIR=${CLUSTER_DIR:-runs/cluster}
 GCS_PORT=${GCS_PORT:-6380}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
+AGENT_PORT=${AGENT_PORT:-52365}  # the head's dashboard agent, which takes job submissions
 mkdir -p "$CLUSTER_DIR"
 CLUSTER_DIR=$(cd "$CLUSTER_DIR" && pwd)
 export RAY_AUTH_MODE=token
@@ -25,11 +26,25 @@ case "${1:-}" in
     fi
     "$RAY" start --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" --num-cpus=0 \
       --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
-      --disable-usage-stats >/dev/null
+      --dashboard-agent-listen-port="$AGENT_PORT" --disable-usage-stats >/dev/null
     for _ in $(seq "${2:-2}"); do
       "$RAY" start --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 --num-cpus=1 \
         --num-gpus="${GPUS_PER_NODE:-0}" --disable-usage-stats >/dev/null
     done
+    # The head's job agent starts after `ray start` returns, and a job submitted before it
+    # answers is refused ("No available agent"): wait for it, as KubeRay's readiness probe does.
+    "$(dirname "$RAY")/python" - "$AGENT_PORT" <<'WAIT'
+import sys, time, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/api/local_raylet_healthz"
+for _ in range(60):
+    try:
+        if urllib.request.urlopen(url, timeout=2).read() == b"success":
+            sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(1)
+sys.exit(f"error: the head's job agent ({url}) did not answer in 60 s")
+WAIT
     echo "http://127.0.0.1:$DASHBOARD_PORT" > "$CLUSTER_DIR/address"
     echo "Ray cluster up: head + ${2:-2} worker node(s); dashboard http://127.0.0.1:$DASHBOARD_PORT"
     echo "token: $RAY_AUTH_TOKEN_PATH (export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=...)"

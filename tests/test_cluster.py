@@ -171,6 +171,8 @@ def test_a_worker_group_that_cannot_be_placed_fails_after_bounded_attempts(clust
         holder.kill()
         holder.communicate()
     assert r.returncode == 2, r.stderr[-3000:]
-    assert error_line(r).startswith("error: training failed: "), r.stderr[-3000:]
+    line = error_line(r)
+    assert line.startswith("error: training failed: The worker group startup timed out after 2.0 "
+                           "seconds waiting for 2 workers"), line
     assert time.monotonic() - started < 240
     assert not (tmp_path / "out").exists()
