@@ -57,9 +57,29 @@ def uninterrupted_run(small_data, tmp_path_factory) -> dict:
     return json.loads((tmp / "out" / "metrics.json").read_text())
 
 
+def checkpoint_variables(metrics: dict) -> dict:
+    """Every variable of a run's chosen checkpoint (weights, optimizer slots and step counter)."""
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(os.path.join(metrics["checkpoint"], "ckpt"))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
 def same_model(a: dict, b: dict) -> bool:
-    """Two metrics.json files describe bit-identical models: the same test loss and accuracy."""
-    return (a["test_loss"], a["test_accuracy"]) == (b["test_loss"], b["test_accuracy"])
+    """Two runs' metrics.json describe bit-identical models: every variable of the checkpoints
+    they chose is equal, bit for bit, and so are their test loss and accuracy."""
+    import numpy as np
+
+    va, vb = checkpoint_variables(a), checkpoint_variables(b)
+    return (va.keys() == vb.keys() and all(np.array_equal(va[k], vb[k]) for k in va)
+            and (a["test_loss"], a["test_accuracy"]) == (b["test_loss"], b["test_accuracy"]))
+
+
+# Another job holding CPUs of a Ray cluster: python -c HOLD_CPUS GCS_ADDRESS COUNT (one per node).
+HOLD_CPUS = ("import sys, time, ray; ray.init(address=sys.argv[1], log_to_driver=False)\n"
+             "pg = ray.util.placement_group([{'CPU': 1}] * int(sys.argv[2]), strategy='SPREAD')\n"
+             "ray.get(pg.ready(), timeout=60); print('held', flush=True); time.sleep(600)")
 
 
 def wait_for(condition, what: str, timeout: float = 300):
@@ -102,8 +122,8 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     """One local multi-node Ray cluster for the session (cluster/local.sh: loopback, token auth):
-    a head of 0 CPUs + 3 worker nodes of 1 CPU, so 2 remain for a 2-worker job after
-    test_cluster.py kills one; each advertises 1 GPU it does not have (test_gpu.py)."""
+    a head of 0 CPUs + 3 worker nodes of 1 CPU (test_cluster.py holds 2 of them), each
+    advertising 1 GPU it does not have (test_gpu.py)."""
     state = tmp_path_factory.mktemp("cluster")
     gcs_port = free_port()
     env = {**os.environ, "CLUSTER_DIR": str(state), "GCS_PORT": str(gcs_port),

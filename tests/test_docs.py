@@ -222,3 +222,12 @@ def test_every_section_and_path_pointed_to_exists(path):
         if "." not in named.rstrip(".") and not named.endswith("/"):
             continue  # a module path, or a Kubernetes `job/NAME`
         assert Path(REPO, named.rstrip(".")).exists() or list(Path(REPO).glob(named)), named
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_test_a_page_names_exists(page):
+    defined = set(re.findall(r"^def (test_\w+)\(", "".join(
+        f.read_text() for f in Path(REPO, "tests").glob("test_*.py")), re.M))
+    for code in code_and_text(page):
+        if re.fullmatch(r"test(_[a-z0-9]+){3,}", code):  # not a metric such as `test_accuracy`
+            assert code in defined, f"{page.name}: {code}"

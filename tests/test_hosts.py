@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import INTERRUPTED_EPOCHS, REPO, same_model, wait_for
+from tests.conftest import HOLD_CPUS, INTERRUPTED_EPOCHS, REPO, same_model, wait_for
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
@@ -122,7 +122,7 @@ def test_the_cluster_needs_root_and_its_hosts_have_their_own_addresses(hosts, tm
         "head": HEAD, **{h: address(h) for h in ("w1", "w2", "w3")}}
 
 
-def test_a_frozen_worker_is_named_and_the_run_ends_with_the_same_model(
+def test_a_frozen_then_a_killed_worker_are_named_and_the_run_ends_with_the_same_model(
         hosts, small_data, uninterrupted_run, tmp_path):
     driver = train(hosts, small_data, tmp_path, "--max-failures", "2")
     first_checkpoint(driver, tmp_path)
@@ -131,17 +131,26 @@ def test_a_frozen_worker_is_named_and_the_run_ends_with_the_same_model(
     frozen = time.monotonic()
     try:
         assert seconds_until_failure_line(driver, tmp_path, frozen) < 60, console(tmp_path)[-3000:]
+        # Then, once the restarted group has finished an epoch, a worker process dies.
+        wait_for(lambda: f"] epoch 2/{INTERRUPTED_EPOCHS}: loss" in console(tmp_path)
+                 or driver.poll() is not None, "epoch 2 after the restart")
+        killed, victim = sorted(training_workers(hosts).items())[0]
+        os.kill(victim, signal.SIGKILL)
         assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
     finally:
         os.kill(pid, signal.SIGCONT) if Path(f"/proc/{pid}").exists() else None
     lines = failure_lines(tmp_path)
-    assert len(lines) == 1, console(tmp_path)
+    assert len(lines) == 2, console(tmp_path)
     assert re.search(rf"worker \d on {address(host)}: stopped answering", lines[0]), lines[0]
-    assert "restarting from epoch " in lines[0] and "(attempt 2 of 3)" in lines[0], lines[0]
+    assert "restarting from epoch 2 (attempt 2 of 3)" in lines[0], lines[0]
+    assert re.search(rf"worker \d on {address(killed)}: its process died", lines[1]), lines[1]
+    assert "(attempt 3 of 3)" in lines[1], lines[1]
+    assert "(raylet)" not in console(tmp_path)  # Ray's own report of the death stays in its logs
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert same_model(metrics, uninterrupted_run)
-    [failure] = metrics["worker_group_failures"]
-    assert failure["what"] in lines[0] and failure["next"].startswith("restarting from epoch")
+    assert [f"{f['what']}; {f['next']}" for f in metrics["worker_group_failures"]] == [
+        line.split("worker group failed: ", 1)[1] for line in lines]
+    assert metrics["restarts"] == 2 and metrics["resumed_from_epochs"], metrics
 
 
 def test_a_link_cut_for_good_ends_the_run_naming_both_hosts(hosts, small_data, tmp_path):
@@ -204,28 +213,43 @@ def test_a_slow_host_is_named_within_the_first_epoch(hosts, tmp_path, source_dir
     assert max(epoch["ms"]) > 1.5 * min(epoch["ms"]), epoch
 
 
-def test_a_host_off_the_network_for_a_minute_the_elastic_run_goes_on(
+def test_a_host_off_the_network_for_a_minute_the_elastic_run_goes_on_with_fewer_workers(
         hosts, small_data, uninterrupted_run, tmp_path):
     driver = train(hosts, small_data, tmp_path, "--min-workers", "1")
     first_checkpoint(driver, tmp_path)
-    lost, pid = sorted(training_workers(hosts).items())[-1]
-    assert hosts_cli(hosts, "isolate", lost).returncode == 0
-    cut = time.monotonic()
+    # Another job takes the spare host's CPU: with one host lost there is room for one worker.
+    env = {**os.environ, **HOSTS_ENV, "HOSTS_DIR": str(hosts)}
+    holder = subprocess.Popen([sys.executable, "-m", "cluster.hosts", "exec", "head", "--",
+                               sys.executable, "-c", HOLD_CPUS, f"{HEAD}:6379", "1"], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        time.sleep(60)
+        assert holder.stdout.readline().strip() == "held"
+        lost, pid = sorted(training_workers(hosts).items())[-1]
+        assert hosts_cli(hosts, "isolate", lost).returncode == 0
+        cut = time.monotonic()
+        try:
+            time.sleep(60)
+        finally:
+            assert hosts_cli(hosts, "rejoin", lost).returncode == 0
+        try:
+            assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
+            assert time.monotonic() - cut < 300
+            # Its old worker, back on the network, writes nothing into the run: it is gone.
+            wait_for(lambda: not Path(f"/proc/{pid}").exists(), "the lost host's old worker to end", 60)
+        finally:
+            assert hosts_cli(hosts, "restart", lost).returncode == 0  # Ray takes no dead node back
     finally:
-        assert hosts_cli(hosts, "rejoin", lost).returncode == 0
-    try:
-        assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
-        assert time.monotonic() - cut < 300
-        # Its old worker, back on the network, writes nothing into the run: it is gone.
-        wait_for(lambda: not Path(f"/proc/{pid}").exists(), "the lost host's old worker to end", 60)
-    finally:
-        assert hosts_cli(hosts, "restart", lost).returncode == 0  # Ray takes no dead node back
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.communicate()
     text = console(tmp_path)
     assert "(raylet)" not in text and "Raylet" not in text and "state-dump" not in text, text
     assert all(line.startswith(("[run] ", "error: ")) for line in text.splitlines()), text
+    assert "[run] resized: 2 -> 1 worker(s) (elastic)" in text, text
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, INTERRUPTED_EPOCHS + 1))
     assert metrics["worker_group_failures"], metrics
+    assert metrics["world_sizes"][0] == 2 and metrics["world_sizes"][-1] == 1, metrics["world_sizes"]
+    assert metrics["resizes"] and metrics["resizes"][0]["to"] == 1
+    # The same global batches on 1 worker as on 2: only summation order differs.
     assert abs(metrics["test_loss"] - uninterrupted_run["test_loss"]) <= 0.002
+    assert abs(metrics["test_accuracy"] - uninterrupted_run["test_accuracy"]) <= 0.002
