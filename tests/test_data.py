@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -71,8 +72,14 @@ def test_workers_and_batch_must_fit_the_fixed_partitions(small_data, batch, size
 
 
 def test_prepare_data_is_idempotent_and_never_overwrites_another_dataset(source_dir, small_data):
+    def files():
+        return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in Path(small_data).rglob("*")
+                if p.is_file()}
+
+    before = files()
     manifest = D.prepare_data(source_dir, small_data, num_shards=4, seed=0, limit=SMALL)
     assert manifest == D.load_manifest(small_data)
+    assert files() == before  # not one file rewritten
     with pytest.raises(JobError, match="already holds a dataset made with"):
         D.prepare_data(source_dir, small_data, num_shards=4, seed=1, limit=SMALL)
 

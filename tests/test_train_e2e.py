@@ -40,7 +40,7 @@ def finished_run(small_data, tmp_path_factory):
     return tmp, result
 
 
-def test_two_worker_run_writes_metrics_and_per_epoch_checkpoints(finished_run):
+def test_two_worker_run_writes_metrics_and_keeps_the_best_and_latest_checkpoints(finished_run):
     tmp, result = finished_run
     metrics = json.loads((tmp / "out" / "metrics.json").read_text())
     assert metrics["params"] == 841_546
