@@ -46,15 +46,36 @@ def data_copy(small_data, tmp_path) -> str:
 INTERRUPTED_EPOCHS = 4  # runs that tests interrupt: long enough to be killed mid-run
 
 
+def train_args(data: str, tmp: Path, *extra: str, storage: Path | None = None) -> list[str]:
+    """`python -m job train` arguments of a run that writes tmp/out, checkpoints in tmp/ckpt."""
+    return ["train", "--data", data, "--output", str(tmp / "out"), "--storage-path",
+            str(storage or tmp / "ckpt"), *extra]
+
+
+def interrupted_run_args(data: str, tmp: Path, *extra: str, storage: Path | None = None) -> list[str]:
+    """A run with the uninterrupted run's training settings, which its faults must not change."""
+    return train_args(data, tmp, "--epochs", str(INTERRUPTED_EPOCHS), "--num-workers", "2",
+                      *extra, storage=storage)
+
+
+def metrics_of(tmp: Path, out: str = "out") -> dict:
+    """The metrics.json a run wrote into tmp/out."""
+    return json.loads((tmp / out / "metrics.json").read_text())
+
+
+def token_env(cluster: dict) -> dict:
+    """The environment of a process that talks to `cluster` (token auth)."""
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": cluster["token"]}
+
+
 @pytest.fixture(scope="session")
 def uninterrupted_run(small_data, tmp_path_factory) -> dict:
     """metrics.json of the run the interrupted ones must reproduce: the same training settings
     (2 workers, INTERRUPTED_EPOCHS), on a private local Ray, never interrupted."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    r = run_cli("train", "--data", small_data, "--epochs", str(INTERRUPTED_EPOCHS),
-                "--num-workers", "2", "--output", str(tmp / "out"), "--storage-path", str(tmp / "ckpt"))
+    r = run_cli(*interrupted_run_args(small_data, tmp))
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads((tmp / "out" / "metrics.json").read_text())
+    return metrics_of(tmp)
 
 
 def checkpoint_variables(metrics: dict) -> dict:

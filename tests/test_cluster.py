@@ -4,14 +4,13 @@ worker group Ray cannot place. (Faults of running workers, nodes and links: test
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.conftest import HOLD_CPUS, error_line, ray_job, run_cli
+from tests.conftest import HOLD_CPUS, error_line, ray_job, run_cli, token_env, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -32,14 +31,13 @@ def test_a_worker_group_that_cannot_be_placed_fails_after_bounded_attempts(clust
     # 2 of the 3 worker nodes' CPUs are held: the cluster is big enough on paper (the driver's
     # check passes) but a 2-worker group cannot be placed. Ray Train would retry that for ever;
     # the driver's FailureConfig stops after PLACEMENT_ATTEMPTS (each 2 s here, 60 s by default).
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": cluster["token"]}
+    env = token_env(cluster)
     holder = subprocess.Popen([sys.executable, "-c", HOLD_CPUS, cluster["gcs"], "2"], env=env,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         started = time.monotonic()
-        r = run_cli("train", "--data", small_data, "--ray-address", cluster["gcs"], "--epochs", "1",
-                    "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ckpt"),
+        r = run_cli(*train_args(small_data, tmp_path, "--ray-address", cluster["gcs"], "--epochs", "1"),
                     env={**env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "2"}, timeout=300)
     finally:
         holder.kill()

@@ -3,24 +3,21 @@ start --num-gpus`), and TensorFlow sees none. Such a run must fail at once, not 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO, error_line, run_cli
+from tests.conftest import REPO, error_line, run_cli, token_env, train_args
 
 pytestmark = pytest.mark.slow
 
 
 def test_a_granted_gpu_tensorflow_cannot_use_fails_the_run_before_training(
         cluster, small_data, tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": cluster["token"]}
-    r = run_cli("train", "--data", small_data, "--use-gpu", "--num-workers", "2", "--epochs", "3",
-                "--max-failures", "0", "--ray-address", cluster["gcs"],
-                "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ckpt"),
-                env=env, timeout=300)
+    r = run_cli(*train_args(small_data, tmp_path, "--use-gpu", "--num-workers", "2", "--epochs", "3",
+                            "--max-failures", "0", "--ray-address", cluster["gcs"]),
+                env=token_env(cluster), timeout=300)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     line = error_line(r)
     assert "Ray assigned GPU 0 (CUDA_VISIBLE_DEVICES=0) but TensorFlow sees 0 GPU(s): " in line, line
@@ -36,8 +33,7 @@ def test_one_real_gpu_worker_trains_on_the_gpu(small_data, tmp_path):
 
     if not gpu_names():
         pytest.skip(f"no GPU for TensorFlow here: {why_no_gpu()}")
-    r = run_cli("train", "--data", small_data, "--use-gpu", "--num-workers", "1", "--epochs", "1",
-                "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ckpt"))
+    r = run_cli(*train_args(small_data, tmp_path, "--use-gpu", "--num-workers", "1", "--epochs", "1"))
     assert r.returncode == 0, r.stderr[-3000:]
 
 

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HOLD_CPUS, INTERRUPTED_EPOCHS, REPO, same_model, wait_for
+from tests.conftest import (
+    HOLD_CPUS,
+    INTERRUPTED_EPOCHS,
+    REPO,
+    interrupted_run_args,
+    metrics_of,
+    same_model,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
@@ -60,9 +68,7 @@ def train(hosts, data, tmp, *flags) -> subprocess.Popen:
     with open(tmp / "console.log", "w") as log:  # the driver writes to its own copy of the fd
         return subprocess.Popen(
             [sys.executable, "-m", "cluster.hosts", "exec", "head", "--", sys.executable, "-m", "job",
-             "train", "--data", data, "--epochs", str(INTERRUPTED_EPOCHS), "--num-workers", "2",
-             "--output", str(tmp / "out"), "--storage-path", str(tmp / "ckpt"), "--name", "run",
-             "--ray-address", f"{HEAD}:6379", *flags],
+             *interrupted_run_args(data, tmp, "--name", "run", "--ray-address", f"{HEAD}:6379", *flags)],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
@@ -146,7 +152,7 @@ def test_a_frozen_then_a_killed_worker_are_named_and_the_run_ends_with_the_same_
     assert re.search(rf"worker \d on {address(killed)}: its process died", lines[1]), lines[1]
     assert "(attempt 3 of 3)" in lines[1], lines[1]
     assert "(raylet)" not in console(tmp_path)  # Ray's own report of the death stays in its logs
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = metrics_of(tmp_path)
     assert same_model(metrics, uninterrupted_run)
     assert [f"{f['what']}; {f['next']}" for f in metrics["worker_group_failures"]] == [
         line.split("worker group failed: ", 1)[1] for line in lines]
@@ -183,7 +189,7 @@ def test_a_link_cut_for_a_minute_costs_a_restart_not_the_model(
     finally:
         assert hosts_cli(hosts, "heal", a, b).returncode == 0
     assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = metrics_of(tmp_path)
     assert same_model(metrics, uninterrupted_run)
     assert metrics["worker_group_failures"], metrics
 
@@ -208,7 +214,7 @@ def test_a_slow_host_is_named_within_the_first_epoch(hosts, tmp_path, source_dir
                      lines[named[0]]), lines[named[0]]
     epoch_1 = next(i for i, line in enumerate(lines) if "] epoch 1/1: loss" in line)
     assert named[0] < epoch_1
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = metrics_of(tmp_path)
     [epoch] = metrics["compute_ms_per_step"]
     assert max(epoch["ms"]) > 1.5 * min(epoch["ms"]), epoch
 
@@ -245,7 +251,7 @@ def test_a_host_off_the_network_for_a_minute_the_elastic_run_goes_on_with_fewer_
     assert "(raylet)" not in text and "Raylet" not in text and "state-dump" not in text, text
     assert all(line.startswith(("[run] ", "error: ")) for line in text.splitlines()), text
     assert "[run] resized: 2 -> 1 worker(s) (elastic)" in text, text
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = metrics_of(tmp_path)
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, INTERRUPTED_EPOCHS + 1))
     assert metrics["worker_group_failures"], metrics
     assert metrics["world_sizes"][0] == 2 and metrics["world_sizes"][-1] == 1, metrics["world_sizes"]

@@ -4,7 +4,6 @@ lasting one ends the run with one line within --storage-timeout. Needs root (loo
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 import pytest
 
 from job.guards import PROBE_SECONDS
-from tests.conftest import INTERRUPTED_EPOCHS, REPO, same_model, wait_for
+from tests.conftest import REPO, interrupted_run_args, metrics_of, same_model, wait_for
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="loop mounts and fsfreeze need root")]
@@ -43,10 +42,9 @@ def storage(tmp_path):
 
 def start(data, tmp, storage, *flags) -> subprocess.Popen:
     with open(tmp / "console.log", "w") as log:  # the driver writes to its own copy of the fd
-        return subprocess.Popen(
-            [sys.executable, "-m", "job", "train", "--data", data, "--epochs", str(INTERRUPTED_EPOCHS),
-             "--num-workers", "2", "--output", str(tmp / "out"), "--storage-path", str(storage),
-             "--name", "run", *flags], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+        args = interrupted_run_args(data, tmp, "--name", "run", *flags, storage=storage)
+        return subprocess.Popen([sys.executable, "-m", "job", *args], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, text=True)
 
 
 def first_checkpoint(driver, storage, tmp) -> None:
@@ -66,7 +64,7 @@ def test_a_storage_stall_of_a_minute_changes_nothing(storage, small_data, uninte
     finally:
         frozen(False)
     assert driver.wait(300) == 0, (tmp_path / "console.log").read_text()[-3000:]
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = metrics_of(tmp_path)
     assert same_model(metrics, uninterrupted_run)
 
 

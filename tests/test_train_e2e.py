@@ -15,7 +15,7 @@ import time
 import pytest
 
 from job import data as D
-from tests.conftest import INTERRUPTED_EPOCHS, REPO, error_line, run_cli, same_model
+from tests.conftest import INTERRUPTED_EPOCHS, REPO, error_line, metrics_of, run_cli, same_model, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +23,6 @@ pytestmark = pytest.mark.slow
 def checkpoint_epoch(checkpoint_dir) -> int:
     """The epoch a checkpoint dir was saved after (its state.json)."""
     return json.loads((checkpoint_dir / "state.json").read_text())["epoch"]
-
-
-def train_args(data, tmp, *extra):
-    return ["train", "--data", data, "--output", str(tmp / "out"),
-            "--storage-path", str(tmp / "ckpt"), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +37,7 @@ def finished_run(small_data, tmp_path_factory):
 
 def test_two_worker_run_writes_metrics_and_keeps_the_best_and_latest_checkpoints(finished_run):
     tmp, result = finished_run
-    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    metrics = metrics_of(tmp)
     assert metrics["params"] == 841_546
     assert metrics["num_workers"] == 2 and metrics["epochs_completed"] == 2
     # 960 train images, global batch 64: 15 steps an epoch; the best epoch's count is recorded
@@ -99,7 +94,7 @@ def test_epoch_metrics_are_those_of_all_workers(finished_run, small_data):
     from job.driver import load_checkpoint_model
 
     tmp, _ = finished_run
-    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    metrics = metrics_of(tmp)
     logged = metrics["history"][metrics["best_epoch"] - 1]
     model = load_checkpoint_model(JobConfig(data=small_data),
                                   ray.train.Checkpoint.from_directory(metrics["checkpoint"]))
@@ -116,7 +111,7 @@ def test_epoch_metrics_are_those_of_all_workers(finished_run, small_data):
 
 def test_per_class_accuracy_and_confusion_matrix_add_up(finished_run):
     tmp, _ = finished_run
-    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    metrics = metrics_of(tmp)
     confusion = metrics["confusion_matrix"]
     assert sum(map(sum, confusion)) == 1200
     correct = sum(confusion[i][i] for i in range(10))
@@ -129,9 +124,9 @@ def test_per_class_accuracy_and_confusion_matrix_add_up(finished_run):
 
 def test_a_good_enough_run_is_promoted_to_current(finished_run):
     tmp, _ = finished_run
-    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    metrics = metrics_of(tmp)
     assert metrics["promotion"]["accepted"] and metrics["promotion"]["min_accuracy"] == 0.1
-    current = json.loads((tmp / "models" / "current" / "metrics.json").read_text())
+    current = metrics_of(tmp / "models", "current")
     assert current["run_name"] == metrics["run_name"]
     assert (tmp / "models" / "current" / "model" / "saved_model.pb").exists()
 
@@ -143,7 +138,7 @@ def test_a_rejected_model_ends_the_run_with_exit_status_3(finished_run, small_da
                 "--promote-to", str(tmp / "models-strict"), "--min-accuracy", "0.99")
     assert r.returncode == 3, r.stderr[-3000:]
     assert error_line(r).startswith("error: not promoted: test accuracy "), r.stderr[-3000:]
-    assert json.loads((tmp / "out-strict" / "metrics.json").read_text())["promotion"]["accepted"] is False
+    assert metrics_of(tmp, "out-strict")["promotion"]["accepted"] is False
     assert not (tmp / "models-strict" / "current").exists()
 
 
@@ -154,7 +149,7 @@ def test_the_promoted_model_is_served_as_tf_serving_loads_it(finished_run, small
     from job.data import read_split
 
     tmp, _ = finished_run
-    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    metrics = metrics_of(tmp)
     serving = tmp / "models" / "serving"
     assert os.listdir(serving) == ["1"]  # BASE/<integer version>/ ...
     assert (serving / "1" / "saved_model.pb").exists() and (serving / "1" / "variables").is_dir()
@@ -169,7 +164,7 @@ def test_the_promoted_model_is_served_as_tf_serving_loads_it(finished_run, small
 
 def test_exported_model_reloads_and_scores_the_same(finished_run, small_data):
     tmp, _ = finished_run
-    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    metrics = metrics_of(tmp)
     r = run_cli("evaluate", "--model", str(tmp / "out" / "model"), "--data", small_data)
     assert r.returncode == 0, r.stderr[-2000:]
     scored = json.loads(r.stdout)
@@ -251,7 +246,7 @@ def test_interrupted_run_resumes_and_a_second_driver_is_refused(small_data, unin
 
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = metrics_of(tmp_path)
     assert metrics["epochs_completed"] == INTERRUPTED_EPOCHS
     assert len(metrics["resumed_from_epochs"]) == 1
     assert 1 <= metrics["resumed_from_epochs"][0] < INTERRUPTED_EPOCHS
@@ -265,8 +260,8 @@ def test_one_worker_trains_what_two_workers_train(finished_run, small_data, tmp_
     # partitions (4 shards here), so only floating-point summation order differs.
     r = run_cli(*train_args(small_data, tmp_path, "--epochs", "2", "--num-workers", "1"))
     assert r.returncode == 0, r.stderr[-3000:]
-    one = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    two = json.loads((finished_run[0] / "out" / "metrics.json").read_text())
+    one = metrics_of(tmp_path)
+    two = metrics_of(finished_run[0])
     assert (one["world_sizes"], two["world_sizes"]) == ([1, 1], [2, 2])
     assert abs(one["test_loss"] - two["test_loss"]) <= 0.002
     assert abs(one["test_accuracy"] - two["test_accuracy"]) <= 0.002
