@@ -11,11 +11,21 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from job import data as D
-from tests.conftest import INTERRUPTED_EPOCHS, REPO, error_line, metrics_of, run_cli, same_model, train_args
+from tests.conftest import (
+    INTERRUPTED_EPOCHS,
+    REPO,
+    error_line,
+    metrics_of,
+    run_cli,
+    same_model,
+    train_args,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -221,8 +231,13 @@ def test_a_wrong_cluster_address_fails_fast(small_data, tmp_path):
     assert error_line(r) == f"error: cannot reach the Ray cluster at 127.0.0.1:{port}: Connection refused"
 
 
-def test_interrupted_run_resumes_and_a_second_driver_is_refused(small_data, uninterrupted_run,
-                                                                tmp_path):
+def staging(tmp: Path) -> list[str]:
+    """OUTPUT's staging dirs (write_output's, until its rename)."""
+    return [p.name for p in tmp.glob("out.staging-*")]
+
+
+def test_interrupted_run_resumes_a_second_driver_is_refused_and_output_is_never_half_written(
+        small_data, uninterrupted_run, tmp_path):
     args = train_args(small_data, tmp_path, "--epochs", str(INTERRUPTED_EPOCHS), "--name", "resume-me")
     run_dir = tmp_path / "ckpt" / "resume-me"
     # Start a run, and kill it (driver, local Ray and workers) once Ray has registered the
@@ -244,12 +259,22 @@ def test_interrupted_run_resumes_and_a_second_driver_is_refused(small_data, unin
     proc.wait()
     assert not (tmp_path / "out").exists()
 
-    r = run_cli(*args)
+    # The rerun resumes and trains to the end; its driver is killed while it writes OUTPUT.
+    proc = subprocess.Popen([sys.executable, "-m", "job", *args], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: staging(tmp_path) or proc.poll() is not None, "OUTPUT's staging dir", 400)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert staging(tmp_path), "the driver ended before writing OUTPUT"
+    assert not (tmp_path / "out").exists()  # OUTPUT is never half-written: it is not there at all
+
+    r = run_cli(*args)  # the finished run: scored and written again
     assert r.returncode == 0, r.stderr[-3000:]
+    assert not staging(tmp_path)  # the killed driver's leftover is gone
+    assert {"metrics.json", "model"} <= set(os.listdir(tmp_path / "out"))
     metrics = metrics_of(tmp_path)
     assert metrics["epochs_completed"] == INTERRUPTED_EPOCHS
-    assert len(metrics["resumed_from_epochs"]) == 1
-    assert 1 <= metrics["resumed_from_epochs"][0] < INTERRUPTED_EPOCHS
+    assert 1 <= metrics["resumed_from_epochs"][0] < INTERRUPTED_EPOCHS, metrics["resumed_from_epochs"]
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
     # Deterministic resumption: the model is the one the uninterrupted run trained.
     assert same_model(metrics, uninterrupted_run)
