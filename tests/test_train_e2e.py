@@ -203,15 +203,24 @@ def test_more_workers_than_the_cluster_can_place(small_data, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_retrain_prepares_missing_data_before_training(source_dir, tmp_path):
+def test_two_retrains_of_the_same_day_prepare_the_missing_data_once(source_dir, tmp_path):
     """`retrain` = prepare-data (if the dataset is missing) + train, one command and one status.
-    A worker bigger than this machine cannot be placed, so it stops right after preparing the
-    full dataset."""
+    Two of the same day started together: one writes the dataset while the other waits for it.
+    A worker bigger than this machine cannot be placed, so each stops right after the data."""
     data = tmp_path / "data"
-    _, *flags = train_args(str(data), tmp_path, "--num-workers", "1", "--cpus-per-worker", TOO_MANY_CPUS)
-    r = run_cli("retrain", "--source", source_dir, *flags, timeout=300)
-    assert r.returncode == 2
-    assert error_line(r).startswith("error: cannot place 1 workers")
+    _, *flags = train_args(str(data), tmp_path, "--num-workers", "1", "--cpus-per-worker", TOO_MANY_CPUS,
+                           "--name", "retrain-%Y%m%d")
+    both = [subprocess.Popen([sys.executable, "-m", "job", "retrain", "--source", source_dir, *flags],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    results = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=300)) for p in both]
+    for p, r in zip(both, results, strict=True):
+        r.returncode = p.returncode
+    for r in results:
+        assert r.returncode == 2, r.stderr[-3000:]
+        line = error_line(r)  # placed nothing, or found the other one holding the day's run
+        assert line.startswith("error: cannot place 1 workers") or re.match(
+            r"error: run 'retrain-\d{8}' is already being trained by driver pid", line), line
     counts = {split: sum(files.values()) for split, files in D.load_manifest(str(data))["splits"].items()}
     assert counts == {"train": 48_000, "val": 12_000, "test": 10_000}
 
