@@ -43,8 +43,9 @@ fashion-mnist-source:
 	  fi; \
 	fi
 
+# LIMIT=N: only the first N train and N test images (smoke runs; tests/test_docs.py).
 data: setup fashion-mnist-source
-	$(PY) -m job prepare-data --out $(DATA)
+	$(PY) -m job prepare-data --out $(DATA)$(if $(LIMIT), --limit $(LIMIT))
 
 train-local: data
 	$(PY) -m job train --data $(DATA) $(JOB_CHOICES) --output $(OUTPUT) $(FLAGS)

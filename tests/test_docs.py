@@ -4,6 +4,8 @@ they show pass what they say."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import subprocess
@@ -231,3 +233,39 @@ def test_every_test_a_page_names_exists(page):
     for code in code_and_text(page):
         if re.fullmatch(r"test(_[a-z0-9]+){3,}", code):  # not a metric such as `test_accuracy`
             assert code in defined, f"{page.name}: {code}"
+
+
+def quick_start_commands() -> list[str]:
+    """The README's one-machine commands, in the order written: its Quick start's shell blocks
+    and the `make` examples in its text (`make X VAR=...`), but `make test`, which runs this."""
+    section = Path(REPO, "README.md").read_text().split("## Quick start")[1].split("\n## ")[0]
+    found = []
+    for token in MarkdownIt("commonmark").enable("table").parse(section):
+        if token.type == "fence" and token.info.strip() == "sh":
+            found += [line.split("  #")[0].strip() for line in token.content.splitlines() if line.strip()]
+        found += [c.content for c in token.children or []
+                  if c.type == "code_inline" and re.match(r"make [\w-]+ \w+=", c.content)]
+    return [c for c in found if c != "make test"]
+
+
+@pytest.mark.slow
+def test_the_quick_start_runs_in_order_from_a_clean_clone(tmp_path):
+    """Each command after the one before it, on small data (the Makefile's LIMIT), in a clone of
+    this repository's HEAD that uses this checkout's venv."""
+    commands = quick_start_commands()
+    assert commands[0] == "make train-local" and len(commands) >= 3, commands
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", REPO, str(clone)], check=True, timeout=120)
+    (clone / ".venv").symlink_to(Path(REPO, ".venv"))
+    for command in commands:
+        args = shlex.split(command)
+        if args[0] == "make":  # small data; the venv as it is (its pyproject.toml is the same)
+            args[1:1] = ["-o", ".venv/.installed", "LIMIT=1200"]
+        r = subprocess.run(args, cwd=clone, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, f"{command}: {r.stderr[-3000:]}"
+        if command == "make train-local":
+            assert re.fullmatch(r"\[seed-w2-e10-\w{8}\] test accuracy 0\.\d{4}, test loss \d\.\d{4} "
+                                rf"\(best epoch \d+\); wrote {clone}/runs/local",
+                                r.stdout.strip().splitlines()[-1]), r.stdout[-2000:]
+    assert {"metrics.json", "model"} <= set(os.listdir(clone / "runs" / "local"))
+    assert json.loads(r.stdout)["test_accuracy"] > 0.15  # the last: `python -m job evaluate`
