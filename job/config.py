@@ -74,6 +74,9 @@ class JobConfig:
     num_workers: int = setting(2, "Ray Train workers, one MWMS replica each (the most, if elastic)")
     min_workers: int = setting(0, "elastic: the fewest workers the run starts or goes on with after "
                                   "losing a node (0: = --num-workers, a fixed size)")
+    resize_check_seconds: float = setting(60.0, "elastic: how often a healthy smaller worker group "
+                                                "looks for room to grow back (each resize "
+                                                "restarts from the last checkpoint)")
     batch_size: int = setting(64, "GLOBAL batch, split evenly across the workers")
     learning_rate: float = setting(4e-3, "Adam's peak learning rate (the reference: 1e-3)")
     lr_schedule: str = setting("cosine", "constant or cosine (decay to 1 % over the run; "
@@ -131,6 +134,8 @@ class JobConfig:
             (self.steps_per_execution >= 1,
              f"--steps-per-execution must be >= 1 (got {self.steps_per_execution})"),
             (self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})"),
+            (self.resize_check_seconds > 0,
+             f"--resize-check-seconds must be > 0 (got {self.resize_check_seconds})"),
             (self.progress_seconds >= 0,
              f"--progress-seconds must be >= 0 (got {self.progress_seconds})"),
             (self.time_budget >= 0, f"--time-budget must be >= 0 (got {self.time_budget})"),

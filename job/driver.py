@@ -131,6 +131,7 @@ def fit(cfg: JobConfig):
             # and, after losing workers, goes on with fewer from the last checkpoint.
             num_workers=(cfg.world_sizes[0], cfg.num_workers) if len(cfg.world_sizes) > 1
             else cfg.num_workers,
+            elastic_resize_monitor_interval_s=cfg.resize_check_seconds,
             use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=ray.train.RunConfig(
