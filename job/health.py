@@ -98,11 +98,12 @@ def step_timer_callback(queue, rank: int, compute_seconds):
 TASK = re.compile(r"/job:worker/replica:\d+/task:(\d+)")
 
 
-def causes(rank: int, text: str, errors: dict) -> list[tuple[tuple[int, ...], str]]:
+def causes(rank: int, text: str, errors: dict, addresses: dict) -> list[tuple[tuple[int, ...], str]]:
     """(workers, what happened to them) as worker `rank`'s exception tells it. TensorFlow's
     health check names the peers whose heartbeats stopped (the coordination service runs on
-    worker 0): a peer that reported no error of its own is frozen; two that blame each other
-    lost the link between them."""
+    worker 0): two that blame each other lost the link between them; a peer that reported no
+    error of its own hung, or its link to the observer is cut (Ray stops the group at the first
+    error, so the peer's own view may never arrive)."""
     if "node has died" in text or "node died" in text or "NodeDiedError" in text:
         return [((rank,), "its node was declared dead (it missed Ray's heartbeats)")]
     if "worker process has died" in text or "actor died unexpectedly" in text:
@@ -113,7 +114,8 @@ def causes(rank: int, text: str, errors: dict) -> list[tuple[tuple[int, ...], st
     if peers:
         return [((rank, peer), "lost contact with each other (no heartbeats either way: the link "
                                "between them)") if peer in errors else
-                ((peer,), f"stopped answering the all-reduce (no heartbeats, seen by worker {rank})")
+                ((peer,), f"stopped answering the all-reduce (no heartbeats reached worker {rank} "
+                          f"on {addresses.get(rank, '?')}: it hung, or the link between them is cut)")
                 for peer in peers]
     remote = re.search(r"remote target " + TASK.pattern, text)
     if remote:
@@ -126,7 +128,7 @@ def causes(rank: int, text: str, errors: dict) -> list[tuple[tuple[int, ...], st
 def describe_failure(errors: dict, addresses: dict) -> tuple[str, list[dict]]:
     """One clause naming every worker involved, as `worker R on ADDRESS`, and the cause; and the
     same as records for metrics.json. A process or node that died explains its peers' errors."""
-    found = [c for rank, text in sorted(errors.items()) for c in causes(rank, text, errors)]
+    found = [c for rank, text in sorted(errors.items()) for c in causes(rank, text, errors, addresses)]
     died = [c for c in found if c[1].startswith(("its node", "its process"))]
     chosen = died or [c for c in found if not c[1].startswith("failed:")] or found
     seen, clauses, records = set(), [], []

@@ -27,8 +27,8 @@ PEER_RESET = ("Collective ops is aborted by: recvmsg:Connection reset by peer\nA
 
 def test_a_frozen_worker_is_the_one_its_peers_stopped_hearing():
     what, records = describe_failure({0: UNHEALTHY_1}, ADDRESSES)
-    assert what == ("worker 1 on 10.251.7.12: stopped answering the all-reduce (no heartbeats, "
-                    "seen by worker 0)")
+    assert what == ("worker 1 on 10.251.7.12: stopped answering the all-reduce (no heartbeats "
+                    "reached worker 0 on 10.251.7.11: it hung, or the link between them is cut)")
     assert records == [{"workers": [{"rank": 1, "address": "10.251.7.12"}],
                         "cause": what.split(": ", 1)[1]}]
     what, _ = describe_failure({1: NO_COORDINATOR}, ADDRESSES)  # worker 0 frozen
