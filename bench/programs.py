@@ -86,8 +86,7 @@ def test_curve(data: str, run_dir: str, model: str = "seed") -> dict:
 
     import ray.train
 
-    from job.driver import load_checkpoint_model
-    from job.results import score
+    from job.results import load_checkpoint_model, score
     from job.train import load_state
 
     images, labels = D.read_split(data, "test")

@@ -18,7 +18,17 @@ from job import data as D
 from job.config import JobConfig, JobError, ModelRejected
 from job.env import job_env
 from job.guards import StorageWatch, TimeBudget, stop_now
-from job.results import METRICS_FILE, check_output_dir, score, write_json_atomically, write_output
+from job.results import (
+    METRICS_FILE,
+    best_checkpoint,
+    check_output_dir,
+    finished_result,
+    load_checkpoint_model,
+    run_state,
+    score,
+    write_json_atomically,
+    write_output,
+)
 from job.runlock import data_lock, output_lock, run_lock
 
 # A worker group Ray cannot place (a lost node not replaced) fails its start after
@@ -78,20 +88,13 @@ def start_ray(cfg: JobConfig) -> None:
 
 def fit(cfg: JobConfig):
     import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from job.console import Console, progress_interval
     from job.health import EpochComputeTimes, WorkerGroupFailure
-    from job.workarounds import native_stderr_to
-
-    with native_stderr_to(DRIVER_TF_LOG):  # TensorFlow's import and device discovery
-        import tensorflow as tf
-        from ray.train.tensorflow import TensorflowTrainer
-
-        from job.train import train_loop_per_worker
-
-        tf.config.list_physical_devices()
+    from job.train import train_loop_per_worker
 
     # On the driver's node, which lives as long as the run (not on a worker node that may go
     # away); 0 CPUs: the workers may hold every CPU.
@@ -187,32 +190,26 @@ def after_failure(cfg: JobConfig, count: int, epoch: int | None) -> str:
     return f"restarting {where} ({attempt})"
 
 
-def best_checkpoint(result):
-    """(checkpoint, metrics) with the highest validation accuracy."""
-    if not result.best_checkpoints:
-        raise JobError("training produced no checkpoint")
-    return max(result.best_checkpoints, key=lambda cm: cm[1]["val_accuracy"])
+def train(cfg: JobConfig, budget: TimeBudget):
+    """(Ray's result, the console's record), from a Ray cluster the driver leaves afterwards."""
+    start_ray(cfg)
+    workers = "-".join(map(str, dict.fromkeys([cfg.world_sizes[0], cfg.num_workers])))
+    print(f"[{cfg.run_name}] training {cfg.model} on {workers} worker(s), "
+          f"global batch {cfg.batch_size}, {cfg.epochs} epoch(s); checkpoints in "
+          f"{cfg.storage_path}/{cfg.run_name}", flush=True)
 
+    def storage_stalled(seconds: float) -> None:
+        stop_now(f"error: the storage at {cfg.storage_path} has not completed a write for "
+                 f"{seconds:.0f} s (--storage-timeout {cfg.storage_timeout}): run stopped, nothing "
+                 f"written or promoted (a rerun resumes from the last checkpoint once it answers)")
 
-def load_checkpoint_model(cfg: JobConfig, checkpoint):
-    """The checkpoint's model as validation scored it, and as it is tested and exported."""
-    import tensorflow as tf
+    try:
+        with budget.aborting(), StorageWatch(cfg.storage_path, cfg.storage_timeout, storage_stalled):
+            return fit(cfg)
+    finally:
+        import ray
 
-    from job.model import build_model, scored_model
-    from job.train import WEIGHTS_PREFIX
-
-    model = build_model(cfg.model, cfg.learning_rate)
-    with checkpoint.as_directory() as ckpt_dir:
-        tf.train.Checkpoint(model=model).read(os.path.join(ckpt_dir, WEIGHTS_PREFIX)).expect_partial()
-    return scored_model(model, cfg.flips)
-
-
-def run_state(result) -> dict:
-    """Epoch count, per-epoch history and restart points, from the latest checkpoint."""
-    from job.train import load_state
-
-    with result.checkpoint.as_directory() as ckpt_dir:
-        return load_state(ckpt_dir)
+        ray.shutdown()  # release the cluster before the driver's own evaluation and export
 
 
 def run(cfg: JobConfig, prepare_data: bool = False) -> dict:
@@ -232,23 +229,20 @@ def run(cfg: JobConfig, prepare_data: bool = False) -> dict:
 
 
 def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float, budget: TimeBudget) -> dict:
-    start_ray(cfg)
-    workers = "-".join(map(str, dict.fromkeys([cfg.world_sizes[0], cfg.num_workers])))
-    print(f"[{cfg.run_name}] training {cfg.model} on {workers} worker(s), "
-          f"global batch {cfg.batch_size}, {cfg.epochs} epoch(s); checkpoints in "
-          f"{cfg.storage_path}/{cfg.run_name}", flush=True)
-    def storage_stalled(seconds: float) -> None:
-        stop_now(f"error: the storage at {cfg.storage_path} has not completed a write for "
-                 f"{seconds:.0f} s (--storage-timeout {cfg.storage_timeout}): run stopped, nothing "
-                 f"written or promoted (a rerun resumes from the last checkpoint once it answers)")
+    from job.workarounds import native_stderr_to
 
-    try:
-        with budget.aborting(), StorageWatch(cfg.storage_path, cfg.storage_timeout, storage_stalled):
-            result, console = fit(cfg)
-    finally:
-        import ray
+    with native_stderr_to(DRIVER_TF_LOG):  # TensorFlow's import and device discovery
+        import tensorflow as tf
 
-        ray.shutdown()  # release the cluster before the driver's own evaluation and export
+        tf.config.list_physical_devices()
+    result = finished_result(cfg)
+    if result is not None:  # a rerun of a finished run (a retried RayJob): nothing to train
+        print(f"[{cfg.run_name}] already trained ({cfg.epochs} epoch(s) in {cfg.storage_path}/"
+              f"{cfg.run_name}): scoring its best checkpoint again", flush=True)
+        failures, compute_ms = [], []
+    else:
+        result, console = train(cfg, budget)
+        failures, compute_ms = console.failures, console.compute_ms
     checkpoint, best = best_checkpoint(result)
     model = load_checkpoint_model(cfg, checkpoint)
     state = run_state(result)
@@ -275,8 +269,8 @@ def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float, budget: T
                     for h, a, b in zip(history[1:], sizes, sizes[1:], strict=False) if a != b],
         "restarts": len(state["starts"]) - 1,  # starts that resumed: restarts, driver reruns
         # As Ray reported them to this driver, retried or not: workers, cause, what came next.
-        "worker_group_failures": console.failures,
-        "compute_ms_per_step": console.compute_ms,  # every worker's, each epoch (stragglers)
+        "worker_group_failures": failures,
+        "compute_ms_per_step": compute_ms,  # every worker's, each epoch (stragglers)
         "resumed_from_epochs": [s for s in state["starts"] if s > 0],
         "history": history,
         "per_class_accuracy": test["per_class_accuracy"],

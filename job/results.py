@@ -1,4 +1,5 @@
-"""What a run leaves in OUTPUT, and how a model is scored: the driver's last steps, and `evaluate`.
+"""A run's checkpoints, what it leaves in OUTPUT, and how a model is scored: the driver's last
+steps, and `evaluate`.
 
     OUTPUT/metrics.json    test figures, per-epoch history, the resolved settings
     OUTPUT/model/          TF SavedModel (reloadable with tf_keras, servable)
@@ -35,6 +36,53 @@ def check_output_dir(cfg: JobConfig) -> None:
         held = f"run {previous!r}" if previous else "files of another kind"
         raise JobError(f"output dir {cfg.output} holds {held}, not run {cfg.run_name!r}; "
                        f"choose another --output or remove it")
+
+
+def best_checkpoint(result):
+    """(checkpoint, metrics) with the highest validation accuracy."""
+    if not result.best_checkpoints:
+        raise JobError("training produced no checkpoint")
+    return max(result.best_checkpoints, key=lambda cm: cm[1]["val_accuracy"])
+
+
+def load_checkpoint_model(cfg: JobConfig, checkpoint):
+    """The checkpoint's model as validation scored it, and as it is tested and exported."""
+    import tensorflow as tf
+
+    from job.model import build_model, scored_model
+    from job.train import WEIGHTS_PREFIX
+
+    model = build_model(cfg.model, cfg.learning_rate)
+    with checkpoint.as_directory() as ckpt_dir:
+        tf.train.Checkpoint(model=model).read(os.path.join(ckpt_dir, WEIGHTS_PREFIX)).expect_partial()
+    return scored_model(model, cfg.flips)
+
+
+def finished_result(cfg: JobConfig):
+    """Ray Train's result of this run if its storage holds it trained to the last epoch, read
+    without starting Ray or a worker; else None."""
+    import logging
+
+    import ray.train
+
+    notes = logging.getLogger("ray.train")  # Ray's note that it found the run's snapshot
+    level = notes.level
+    notes.setLevel(logging.WARNING)
+    try:
+        result = ray.train.Result.from_path(f"{cfg.storage_path}/{cfg.run_name}")
+    except (RuntimeError, OSError):  # no run there yet, or none that reached a checkpoint
+        return None
+    finally:
+        notes.setLevel(level)
+    return result if result.checkpoint and run_state(result)["epoch"] >= cfg.epochs else None
+
+
+def run_state(result) -> dict:
+    """Epoch count, per-epoch history and restart points, from the latest checkpoint."""
+    from job.train import load_state
+
+    with result.checkpoint.as_directory() as ckpt_dir:
+        return load_state(ckpt_dir)
 
 
 def score(model, images: np.ndarray, labels: np.ndarray) -> dict:

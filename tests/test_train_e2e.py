@@ -101,7 +101,7 @@ def test_epoch_metrics_are_those_of_all_workers(finished_run, small_data):
     import ray.train
 
     from job.config import JobConfig
-    from job.driver import load_checkpoint_model
+    from job.results import load_checkpoint_model
 
     tmp, _ = finished_run
     metrics = metrics_of(tmp)
@@ -148,6 +148,7 @@ def test_a_rejected_model_ends_the_run_with_exit_status_3(finished_run, small_da
                 "--promote-to", str(tmp / "models-strict"), "--min-accuracy", "0.99")
     assert r.returncode == 3, r.stderr[-3000:]
     assert error_line(r).startswith("error: not promoted: test accuracy "), r.stderr[-3000:]
+    assert "] already trained (2 epoch(s) in " in r.stdout  # from storage: no Ray, no worker
     assert metrics_of(tmp, "out-strict")["promotion"]["accepted"] is False
     assert not (tmp / "models-strict" / "current").exists()
 
