@@ -197,16 +197,19 @@ def test_a_link_cut_for_a_minute_costs_a_restart_not_the_model(
 def test_a_slow_host_is_named_within_the_first_epoch(hosts, tmp_path, source_dir):
     from job.data import prepare_data
 
-    data = str(tmp_path / "data")  # 30 steps an epoch: time for a few step-time reports
-    prepare_data(source_dir, data, num_shards=4, seed=0, limit=2400)
-    driver = train(hosts, data, tmp_path, "--epochs", "1")
-    wait_for(lambda: len(training_workers(hosts)) == 2 or driver.poll() is not None, "the workers")
+    data = str(tmp_path / "data")  # 60 steps an epoch: time for a few step-time reports
+    prepare_data(source_dir, data, num_shards=4, seed=0, limit=4800)
+    driver = train(hosts, data, tmp_path, "--epochs", "1", "--progress-seconds", "1")
+    # Slow from the first steps on (not while it starts: that only delays the run) until named.
+    wait_for(lambda: "] epoch 1/1: " in console(tmp_path) or driver.poll() is not None, "training")
     slow = sorted(training_workers(hosts))[0]
     assert hosts_cli(hosts, "throttle", slow, "30").returncode == 0
     try:
-        assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
+        wait_for(lambda: "straggler: " in console(tmp_path) or driver.poll() is not None,
+                 "the straggler line", 120)
     finally:
         assert hosts_cli(hosts, "throttle", slow, "100").returncode == 0
+    assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
     lines = console(tmp_path).splitlines()
     named = [i for i, line in enumerate(lines) if "straggler: " in line]
     assert named, console(tmp_path)

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 def test_a_recipe_over_two_seeds_gives_per_seed_rows_and_the_spread(small_data, tmp_path):
     r = subprocess.run([sys.executable, "-m", "bench.seeds", "--recipe", "reference", "--seeds", "0",
-                        "1", "--data", small_data, "--out", str(tmp_path), "--", "--epochs", "1"],
+                        "1", "--data", small_data, "--out", str(tmp_path), "--", "--epochs", "1",
+                        "--num-workers", "1"],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     table = (tmp_path / "reference.md").read_text()

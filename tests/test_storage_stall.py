@@ -53,14 +53,14 @@ def first_checkpoint(driver, storage, tmp) -> None:
     assert snapshot.exists(), (tmp / "console.log").read_text()[-3000:]
 
 
-def test_a_storage_stall_of_a_minute_changes_nothing(storage, small_data, uninterrupted_run,
-                                                     tmp_path):
+def test_a_storage_stall_of_half_a_minute_changes_nothing(storage, small_data, uninterrupted_run,
+                                                          tmp_path):
     mount, frozen = storage
     driver = start(small_data, tmp_path, mount)  # the default --storage-timeout
     first_checkpoint(driver, mount, tmp_path)
     frozen(True)
     try:
-        time.sleep(60)
+        time.sleep(30)  # the checkpoint write of epoch 2 blocks in the kernel meanwhile
     finally:
         frozen(False)
     assert driver.wait(300) == 0, (tmp_path / "console.log").read_text()[-3000:]
@@ -70,7 +70,7 @@ def test_a_storage_stall_of_a_minute_changes_nothing(storage, small_data, uninte
 
 def test_storage_that_stops_answering_ends_the_run_within_the_bound(storage, small_data, tmp_path):
     mount, frozen = storage
-    driver = start(small_data, tmp_path, mount, "--storage-timeout", "60")
+    driver = start(small_data, tmp_path, mount, "--storage-timeout", "30")
     first_checkpoint(driver, mount, tmp_path)
     frozen(True)
     stalled = time.monotonic()
@@ -82,9 +82,9 @@ def test_storage_that_stops_answering_ends_the_run_within_the_bound(storage, sma
     console = (tmp_path / "console.log").read_text()
     assert status == 2, console[-3000:]
     # The last write that completed was at most PROBE_SECONDS before the stall began.
-    assert 60 - PROBE_SECONDS <= waited <= 60 + 5, waited
+    assert 30 - PROBE_SECONDS <= waited <= 30 + 5, waited
     errors = [line for line in console.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, console
     assert errors[0].startswith(f"error: the storage at {mount} has not completed a write for "), errors
-    assert "(--storage-timeout 60)" in errors[0]
+    assert "(--storage-timeout 30)" in errors[0]
     assert not (tmp_path / "out").exists()
