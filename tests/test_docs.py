@@ -57,11 +57,18 @@ def test_relative_links_and_images_exist(page):
                 assert (page.parent / target.split("#")[0]).exists(), f"{page.name}: {target}"
 
 
+MAKE_VARIABLES = {a or b for a, b in re.findall(r"\$\(([A-Z_]+)\)|given,([A-Z_]+),",
+                                                Path(REPO, "Makefile").read_text())}
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_every_make_target_named_exists(page):
+def test_every_make_target_and_variable_named_exists(page):
     for code in code_and_text(page):
         for target in re.findall(r"(?:^|[\s`(])make ([a-z][a-z0-9-]*)", code):
             assert target in MAKE_TARGETS, f"{page.name}: make {target}"
+        for line in re.findall(r"(?:^|[\s`(])make [a-z][a-z0-9-]*((?: [A-Z_]+=\S+)+)", code):
+            for variable in re.findall(r" ([A-Z_]+)=", line):
+                assert variable in MAKE_VARIABLES, f"{page.name}: make ... {variable}="
 
 
 def job_commands(code: str) -> list[str]:
