@@ -41,6 +41,16 @@ def run_seed(recipe: str, seed: int, data: str, out: Path, flags: list[str]) -> 
     return json.loads((run / "metrics.json").read_text())
 
 
+def training_compute(metrics: dict) -> str:
+    """A run's training FLOPs an epoch: 3 forward passes' worth per image (job/model.py)."""
+    from job.model import build_model, forward_flops
+
+    images = metrics["history"][0]["optimizer_steps"] * metrics["global_batch_size"]
+    forward = forward_flops(build_model(metrics["model"], 1e-3))
+    return (f"training compute {3 * forward * images / 1e12:.2f} TFLOPs an epoch ({metrics['model']} "
+            f"model: {forward / 1e6:.1f} MFLOPs an image forward, x3, x{images:,} images)")
+
+
 def table(recipe: str, runs: dict[int, dict]) -> str:
     acc = [m["test_accuracy"] for m in runs.values()]
     rows = [f"| {seed} | {m['test_accuracy']:.4f} | {m['test_loss']:.4f} | {m['best_epoch']} | "
@@ -48,7 +58,8 @@ def table(recipe: str, runs: dict[int, dict]) -> str:
     name = "the defaults" if recipe == DEFAULT else f"`--recipe {recipe}`"
     spread = f"{statistics.mean(acc):.4f} ± {statistics.stdev(acc):.4f}" if len(acc) > 1 else f"{acc[0]:.4f}"
     return "\n".join([
-        f"{name}: test accuracy {spread} (mean ± sd), min {min(acc):.4f}, over {len(acc)} seed(s)", "",
+        f"{name}: test accuracy {spread} (mean ± sd), min {min(acc):.4f}, over {len(acc)} seed(s); "
+        f"{training_compute(next(iter(runs.values())))}", "",
         "| seed | test accuracy | test loss | best epoch | optimizer steps (best) | wall s |",
         "| --- | --- | --- | --- | --- | --- |", *rows, ""])
 

@@ -67,6 +67,20 @@ def strong_cnn(sequential=keras.Sequential) -> keras.Model:
 MODELS = {"seed": seed_cnn, "strong": strong_cnn}
 
 
+def forward_flops(model: keras.Model) -> int:
+    """Floating-point operations of one image's forward pass through the convolutions and dense
+    layers (2 per multiply-add); pooling, batch norm and activations add about 1 % more. A
+    training step costs about 3 times this per image (the backward pass: 2)."""
+    flops = 0
+    for layer in model.layers:
+        if isinstance(layer, layers.Conv2D):
+            height, width, _ = layer.output.shape[1:]
+            flops += 2 * height * width * int(tf.size(layer.kernel))
+        elif isinstance(layer, layers.Dense):
+            flops += 2 * int(tf.size(layer.kernel))
+    return flops
+
+
 def mirror_averaged(model, images):
     """The mean of the model's predictions for the images and for their left-right mirrors
     (--flips: what validation, the test and the exported model score)."""

@@ -56,3 +56,12 @@ def test_the_mirror_averaged_model_scores_an_image_as_its_mirror_and_reloads_the
     scored.save(tmp_path / "model")  # the export: a SavedModel that tf-keras reloads
     reloaded = keras.models.load_model(tmp_path / "model")
     np.testing.assert_allclose(reloaded.predict(images, verbose=0), probs, rtol=1e-5, atol=1e-7)
+
+
+def test_forward_flops_count_each_convolution_and_dense_layer():
+    from job.model import forward_flops
+
+    # The seed CNN by hand: 28x28x32 outputs of 3x3x1, 14x14x128 of 3x3x32, 6272x128, 128x10.
+    by_hand = 2 * (28 * 28 * 32 * 9 + 14 * 14 * 128 * 9 * 32 + 6272 * 128 + 128 * 10)
+    assert forward_flops(build_model("seed", 1e-3)) == by_hand
+    assert forward_flops(build_model("strong", 1e-3)) > by_hand

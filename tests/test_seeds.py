@@ -25,5 +25,7 @@ def test_a_recipe_over_two_seeds_gives_per_seed_rows_and_the_spread(small_data, 
     mean = sum(accuracies) / 2
     assert table.startswith(f"`--recipe reference`: test accuracy {mean:.4f} ± ")
     assert f"min {min(accuracies):.4f}, over 2 seed(s)" in table
+    assert "; training compute 0.05 TFLOPs an epoch (seed model: 16.5 MFLOPs an image forward, " \
+           "x3, x960 images)" in table
     for seed in (0, 1):
         assert '"recipe": "reference"' in (tmp_path / f"reference-seed{seed}" / "metrics.json").read_text()
