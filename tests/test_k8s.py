@@ -152,7 +152,7 @@ def test_rayjob_runs_gpu_workers_with_token_auth_and_cleans_up():
         # Every end, a stopped Ray job's too, deletes the GPU cluster soon (the operator's rule).
         for end in RAYJOB_ENDS:
             ttl = cluster_deleted_after(spec, *end)
-            assert ttl == 600, (name, end, ttl)  # docs/kubernetes.md: clean-up (10 min to read logs)
+            assert ttl == 600, (name, end, ttl)  # 10 min to read logs (docs/kubernetes.md: clean-up)
         # The submitter follows the logs for hours: at least KubeRay's default (1 CPU, 1Gi).
         submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]["resources"]["limits"]
         assert quantity(submitter["cpu"]) >= 1 and quantity(submitter["memory"]) >= 2**30
