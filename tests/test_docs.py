@@ -264,11 +264,13 @@ def test_the_quick_start_runs_in_order_from_a_clean_clone(tmp_path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", REPO, str(clone)], check=True, timeout=120)
     (clone / ".venv").symlink_to(Path(REPO, ".venv"))
+    # A user's shell: not the environment of `make test`, which makes make a sub-make.
+    shell_env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     for command in commands:
         args = shlex.split(command)
         if args[0] == "make":  # small data; the venv as it is (its pyproject.toml is the same)
             args[1:1] = ["-o", ".venv/.installed", "LIMIT=1200"]
-        r = subprocess.run(args, cwd=clone, capture_output=True, text=True, timeout=900)
+        r = subprocess.run(args, cwd=clone, env=shell_env, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, f"{command}: {r.stderr[-3000:]}"
         if command == "make train-local":
             assert re.fullmatch(r"\[seed-w2-e10-\w{8}\] test accuracy 0\.\d{4}, test loss \d\.\d{4} "

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
-    HOLD_CPUS,
     INTERRUPTED_EPOCHS,
     REPO,
     interrupted_run_args,
@@ -92,6 +91,7 @@ def finish(driver, tmp, timeout=400) -> int:
         return driver.wait(timeout)
     except subprocess.TimeoutExpired:
         driver.kill()
+        driver.wait()
         raise AssertionError(console(tmp)[-3000:]) from None
 
 
@@ -159,28 +159,9 @@ def test_a_frozen_then_a_killed_worker_are_named_and_the_run_ends_with_the_same_
     assert metrics["restarts"] == 2 and metrics["resumed_from_epochs"], metrics
 
 
-def test_a_link_cut_for_good_ends_the_run_naming_both_hosts(hosts, small_data, tmp_path):
-    driver = train(hosts, small_data, tmp_path, "--max-failures", "0")
-    first_checkpoint(driver, tmp_path)
-    a, b = sorted(training_workers(hosts))
-    assert hosts_cli(hosts, "cut", a, b).returncode == 0
-    cut = time.monotonic()
-    try:
-        assert finish(driver, tmp_path) == 2
-        assert time.monotonic() - cut < 180
-    finally:
-        assert hosts_cli(hosts, "heal", a, b).returncode == 0
-    error = [line for line in console(tmp_path).splitlines() if line.startswith("error: ")]
-    assert len(error) == 1, console(tmp_path)
-    assert error[0].startswith("error: training failed: worker "), error[0]
-    assert address(a) in error[0] and address(b) in error[0], error[0]
-    assert "no restarts left (--max-failures 0)" in failure_lines(tmp_path)[0]
-    assert not (tmp_path / "out").exists()
-
-
-def test_a_link_cut_for_a_minute_costs_a_restart_not_the_model(
-        hosts, small_data, uninterrupted_run, tmp_path):
-    driver = train(hosts, small_data, tmp_path, "--max-failures", "3")
+def test_a_link_cut_for_a_minute_costs_a_restart_and_one_cut_for_good_ends_the_run(
+        hosts, small_data, tmp_path):
+    driver = train(hosts, small_data, tmp_path, "--max-failures", "1", "--epochs", "12")
     first_checkpoint(driver, tmp_path)
     a, b = sorted(training_workers(hosts))
     assert hosts_cli(hosts, "cut", a, b).returncode == 0
@@ -188,10 +169,26 @@ def test_a_link_cut_for_a_minute_costs_a_restart_not_the_model(
         time.sleep(60)
     finally:
         assert hosts_cli(hosts, "heal", a, b).returncode == 0
-    assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
-    metrics = metrics_of(tmp_path)
-    assert same_model(metrics, uninterrupted_run)
-    assert metrics["worker_group_failures"], metrics
+    assert len(failure_lines(tmp_path)) == 1, console(tmp_path)[-3000:]
+    assert "restarting from epoch " in failure_lines(tmp_path)[0]
+    # Trained on after the restart; then the link between its workers is cut for good.
+    trained = console(tmp_path).count(": loss ")
+    wait_for(lambda: console(tmp_path).count(": loss ") > trained or driver.poll() is not None,
+             "an epoch after the restart")
+    a, b = sorted(training_workers(hosts))
+    assert hosts_cli(hosts, "cut", a, b).returncode == 0
+    cut = time.monotonic()
+    try:
+        assert finish(driver, tmp_path) == 2, console(tmp_path)[-3000:]
+        assert time.monotonic() - cut < 180
+    finally:
+        assert hosts_cli(hosts, "heal", a, b).returncode == 0
+    error = [line for line in console(tmp_path).splitlines() if line.startswith("error: ")]
+    assert len(error) == 1, console(tmp_path)
+    assert error[0].startswith("error: training failed: worker "), error[0]
+    assert address(a) in error[0] and address(b) in error[0], error[0]
+    assert "no restarts left (--max-failures 1)" in failure_lines(tmp_path)[-1]
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_slow_host_is_named_within_the_first_epoch(hosts, tmp_path, source_dir):
@@ -222,43 +219,37 @@ def test_a_slow_host_is_named_within_the_first_epoch(hosts, tmp_path, source_dir
     assert max(epoch["ms"]) > 1.5 * min(epoch["ms"]), epoch
 
 
-def test_a_host_off_the_network_for_a_minute_the_elastic_run_goes_on_with_fewer_workers(
-        hosts, small_data, uninterrupted_run, tmp_path):
-    driver = train(hosts, small_data, tmp_path, "--min-workers", "1")
+def test_an_elastic_run_goes_on_with_fewer_workers_after_losing_hosts_and_grows_back(
+        hosts, small_data, tmp_path):
+    # 2 workers on 2 of the 3 hosts: the spare and one worker's host go off the network, so the
+    # run must go on with one worker; once both are back, it grows to 2 again (checked every 5 s).
+    driver = train(hosts, small_data, tmp_path, "--min-workers", "1", "--epochs", "16",
+                   "--resize-check-seconds", "5")
     first_checkpoint(driver, tmp_path)
-    # Another job takes the spare host's CPU: with one host lost there is room for one worker.
-    env = {**os.environ, **HOSTS_ENV, "HOSTS_DIR": str(hosts)}
-    holder = subprocess.Popen([sys.executable, "-m", "cluster.hosts", "exec", "head", "--",
-                               sys.executable, "-c", HOLD_CPUS, f"{HEAD}:6379", "1"], cwd=REPO,
-                              env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    busy = training_workers(hosts)
+    lost, pid = sorted(busy.items())[-1]
+    [spare] = {"w1", "w2", "w3"} - set(busy)
+    for host in (lost, spare):
+        assert hosts_cli(hosts, "isolate", host).returncode == 0
+    cut = time.monotonic()
     try:
-        assert holder.stdout.readline().strip() == "held"
-        lost, pid = sorted(training_workers(hosts).items())[-1]
-        assert hosts_cli(hosts, "isolate", lost).returncode == 0
-        cut = time.monotonic()
-        try:
-            time.sleep(60)
-        finally:
-            assert hosts_cli(hosts, "rejoin", lost).returncode == 0
-        try:
-            assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
-            assert time.monotonic() - cut < 300
-            # Its old worker, back on the network, writes nothing into the run: it is gone.
-            wait_for(lambda: not Path(f"/proc/{pid}").exists(), "the lost host's old worker to end", 60)
-        finally:
-            assert hosts_cli(hosts, "restart", lost).returncode == 0  # Ray takes no dead node back
+        wait_for(lambda: "resized: 2 -> 1" in console(tmp_path) or driver.poll() is not None,
+                 "the run to go on with one worker", 180)
+        assert time.monotonic() - cut < 120, console(tmp_path)[-3000:]
     finally:
-        os.killpg(holder.pid, signal.SIGKILL)
-        holder.communicate()
+        for host in (lost, spare):
+            assert hosts_cli(hosts, "rejoin", host).returncode == 0
+            assert hosts_cli(hosts, "restart", host).returncode == 0  # Ray takes no dead node back
+    assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
+    # Its old worker, back on the network, writes nothing into the run: it is gone.
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), "the lost host's old worker to end", 60)
     text = console(tmp_path)
     assert "(raylet)" not in text and "Raylet" not in text and "state-dump" not in text, text
     assert all(line.startswith(("[run] ", "error: ")) for line in text.splitlines()), text
     assert "[run] resized: 2 -> 1 worker(s) (elastic)" in text, text
+    assert "[run] resized: 1 -> 2 worker(s) (elastic)" in text, text
     metrics = metrics_of(tmp_path)
-    assert [h["epoch"] for h in metrics["history"]] == list(range(1, INTERRUPTED_EPOCHS + 1))
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 17))
     assert metrics["worker_group_failures"], metrics
-    assert metrics["world_sizes"][0] == 2 and metrics["world_sizes"][-1] == 1, metrics["world_sizes"]
-    assert metrics["resizes"] and metrics["resizes"][0]["to"] == 1
-    # The same global batches on 1 worker as on 2: only summation order differs.
-    assert abs(metrics["test_loss"] - uninterrupted_run["test_loss"]) <= 0.002
-    assert abs(metrics["test_accuracy"] - uninterrupted_run["test_accuracy"]) <= 0.002
+    assert [(r["from"], r["to"]) for r in metrics["resizes"]] == [(2, 1), (1, 2)], metrics["resizes"]
+    assert metrics["world_sizes"][0] == metrics["world_sizes"][-1] == 2

@@ -54,11 +54,11 @@ def test_the_dataset_and_the_checkpoints_on_s3(s3_env, source_dir, tmp_path):
     shards = s3.get_file_info(fs.FileSelector(f"{BUCKET}/fashion-mnist/train"))
     assert len(shards) == 4 and all(s.size > 0 for s in shards)
 
-    r = run_cli(*train_args(data, tmp_path, "--epochs", "2", "--num-workers", "2", "--name", "s3run",
+    r = run_cli(*train_args(data, tmp_path, "--epochs", "1", "--num-workers", "2", "--name", "s3run",
                             storage=f"s3://{BUCKET}/checkpoints"), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = metrics_of(tmp_path)
-    assert metrics["epochs_completed"] == 2 and metrics["test_accuracy"] > 0.15
+    assert metrics["epochs_completed"] == 1 and metrics["test_accuracy"] > 0.1
     stored = [i.path for i in s3.get_file_info(fs.FileSelector(f"{BUCKET}/checkpoints/s3run",
                                                                recursive=True))]
     assert any(p.endswith("/ckpt.index") for p in stored), stored

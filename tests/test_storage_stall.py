@@ -12,7 +12,7 @@ import time
 import pytest
 
 from job.guards import PROBE_SECONDS
-from tests.conftest import REPO, interrupted_run_args, metrics_of, same_model, wait_for
+from tests.conftest import REPO, interrupted_run_args, wait_for
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="loop mounts and fsfreeze need root")]
@@ -53,25 +53,20 @@ def first_checkpoint(driver, storage, tmp) -> None:
     assert snapshot.exists(), (tmp / "console.log").read_text()[-3000:]
 
 
-def test_a_storage_stall_of_half_a_minute_changes_nothing(storage, small_data, uninterrupted_run,
-                                                          tmp_path):
+def test_a_stall_shorter_than_the_bound_passes_and_one_for_good_ends_the_run(storage, small_data,
+                                                                             tmp_path):
     mount, frozen = storage
-    driver = start(small_data, tmp_path, mount)  # the default --storage-timeout
+    driver = start(small_data, tmp_path, mount, "--storage-timeout", "30", "--epochs", "12")
     first_checkpoint(driver, mount, tmp_path)
     frozen(True)
     try:
-        time.sleep(30)  # the checkpoint write of epoch 2 blocks in the kernel meanwhile
+        time.sleep(15)  # the checkpoint write of epoch 2 blocks in the kernel meanwhile
     finally:
         frozen(False)
-    assert driver.wait(300) == 0, (tmp_path / "console.log").read_text()[-3000:]
-    metrics = metrics_of(tmp_path)
-    assert same_model(metrics, uninterrupted_run)
-
-
-def test_storage_that_stops_answering_ends_the_run_within_the_bound(storage, small_data, tmp_path):
-    mount, frozen = storage
-    driver = start(small_data, tmp_path, mount, "--storage-timeout", "30")
-    first_checkpoint(driver, mount, tmp_path)
+    log = tmp_path / "console.log"
+    wait_for(lambda: "] epoch 2/12: loss" in log.read_text() or driver.poll() is not None,
+             "epoch 2 after the stall")
+    assert driver.poll() is None, log.read_text()[-3000:]  # the short stall changed nothing
     frozen(True)
     stalled = time.monotonic()
     try:
@@ -79,7 +74,7 @@ def test_storage_that_stops_answering_ends_the_run_within_the_bound(storage, sma
         waited = time.monotonic() - stalled
     finally:
         frozen(False)
-    console = (tmp_path / "console.log").read_text()
+    console = log.read_text()
     assert status == 2, console[-3000:]
     # The last write that completed was at most PROBE_SECONDS before the stall began.
     assert 30 - PROBE_SECONDS <= waited <= 30 + 5, waited
