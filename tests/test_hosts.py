@@ -222,7 +222,7 @@ def test_an_elastic_run_goes_on_with_fewer_workers_after_losing_hosts_and_grows_
         hosts, small_data, tmp_path):
     # 2 workers on 2 of the 3 hosts: the spare and one worker's host go off the network, so the
     # run must go on with one worker; once both are back, it grows to 2 again (checked every 5 s).
-    driver = train(hosts, small_data, tmp_path, "--min-workers", "1", "--epochs", "16",
+    driver = train(hosts, small_data, tmp_path, "--min-workers", "1", "--epochs", "24",
                    "--resize-check-seconds", "5")
     first_checkpoint(driver, tmp_path)
     busy = training_workers(hosts)
@@ -233,8 +233,8 @@ def test_an_elastic_run_goes_on_with_fewer_workers_after_losing_hosts_and_grows_
     cut = time.monotonic()
     try:
         wait_for(lambda: "resized: 2 -> 1" in console(tmp_path) or driver.poll() is not None,
-                 "the run to go on with one worker", 180)
-        assert time.monotonic() - cut < 120, console(tmp_path)[-3000:]
+                 "the run to go on with one worker", 300)
+        assert time.monotonic() - cut < 240, console(tmp_path)[-3000:]
     finally:
         for host in (lost, spare):
             assert hosts_cli(hosts, "rejoin", host).returncode == 0
@@ -248,7 +248,7 @@ def test_an_elastic_run_goes_on_with_fewer_workers_after_losing_hosts_and_grows_
     assert "[run] resized: 2 -> 1 worker(s) (elastic)" in text, text
     assert "[run] resized: 1 -> 2 worker(s) (elastic)" in text, text
     metrics = metrics_of(tmp_path)
-    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 17))
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 25))
     assert metrics["worker_group_failures"], metrics
     assert [(r["from"], r["to"]) for r in metrics["resizes"]] == [(2, 1), (1, 2)], metrics["resizes"]
     assert metrics["world_sizes"][0] == metrics["world_sizes"][-1] == 2
