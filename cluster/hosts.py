@@ -121,7 +121,7 @@ def up(worker_hosts: int) -> None:
     start_ray("head")
     for host in names[1:]:
         start_ray(host)
-    wait_for_nodes(len(names))
+    wait_for_nodes(names)
     (STATE / "hosts.json").write_text(json.dumps({h: address(h) for h in names}, indent=1))
     print(f"hosts cluster up: {', '.join(f'{h} {address(h)}' for h in names)}; dashboard "
           f"http://{address('head')}:{DASHBOARD_PORT} (from the head: `exec head -- ...`)")
@@ -140,10 +140,11 @@ def start_ray(host: str) -> None:
         raise HostsError(f"ray start on {host} failed: {r.stderr.strip()[-500:]}")
 
 
-def wait_for_nodes(count: int, timeout: float = 120) -> None:
-    """Until the head's job agent answers and `count` nodes are alive."""
+def wait_for_nodes(names: list[str], timeout: float = 120) -> None:
+    """Until the head's job agent answers and the Ray nodes of these hosts are alive."""
     probe = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False, "
-             "logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))")
+             "logging_level='ERROR'); print(' '.join(n['NodeManagerAddress'] for n in ray.nodes() "
+             "if n['Alive']))")
     deadline = time.monotonic() + timeout
     while True:
         r = subprocess.run(on_host("head", sys.executable, "-c", probe,
@@ -152,8 +153,8 @@ def wait_for_nodes(count: int, timeout: float = 120) -> None:
         jobs = subprocess.run(on_host("head", RAY, "job", "list", "--address",
                                       f"http://{address('head')}:{DASHBOARD_PORT}"),
                               env=ray_env(), capture_output=True, text=True, timeout=120)
-        alive = r.stdout.strip().splitlines()[-1:] == [str(count)]
-        if alive and jobs.returncode == 0:
+        alive = set((r.stdout.strip().splitlines() or [""])[-1].split())
+        if {address(name) for name in names} <= alive and jobs.returncode == 0:
             return
         if time.monotonic() > deadline:
             raise HostsError(f"the cluster did not come up: {r.stderr.strip()[-300:]}")
@@ -178,7 +179,7 @@ def restart(host: str) -> None:
     not take a node back. Start a new one there."""
     stop_processes([host])
     start_ray(host)
-    wait_for_nodes(len(hosts()))
+    wait_for_nodes([host])
 
 
 def down() -> None:

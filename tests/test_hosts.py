@@ -238,7 +238,9 @@ def test_an_elastic_run_goes_on_with_fewer_workers_after_losing_hosts_and_grows_
     finally:
         for host in (lost, spare):
             assert hosts_cli(hosts, "rejoin", host).returncode == 0
-            assert hosts_cli(hosts, "restart", host).returncode == 0  # Ray takes no dead node back
+        for host in (lost, spare):
+            r = hosts_cli(hosts, "restart", host)  # Ray takes no dead node back
+            assert r.returncode == 0, r.stderr
     assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
     # Its old worker, back on the network, writes nothing into the run: it is gone.
     wait_for(lambda: not Path(f"/proc/{pid}").exists(), "the lost host's old worker to end", 60)
