@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,10 +44,13 @@ def run_seed(recipe: str, seed: int, data: str, out: Path, flags: list[str]) -> 
 
 def training_compute(metrics: dict) -> str:
     """A run's training FLOPs an epoch: 3 forward passes' worth per image (job/model.py)."""
-    from job.model import build_model, forward_flops
+    from job.workarounds import native_stderr_to
 
+    with native_stderr_to(os.devnull):  # TensorFlow's C++ start-up lines
+        from job.model import build_model, forward_flops
+
+        forward = forward_flops(build_model(metrics["model"], 1e-3))
     images = metrics["history"][0]["optimizer_steps"] * metrics["global_batch_size"]
-    forward = forward_flops(build_model(metrics["model"], 1e-3))
     return (f"training compute {3 * forward * images / 1e12:.2f} TFLOPs an epoch ({metrics['model']} "
             f"model: {forward / 1e6:.1f} MFLOPs an image forward, x3, x{images:,} images)")
 
