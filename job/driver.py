@@ -235,17 +235,16 @@ def train_and_evaluate(cfg: JobConfig, manifest: dict, started: float, budget: T
         import tensorflow as tf
 
         tf.config.list_physical_devices()
-    result = finished_result(cfg)
-    if result is not None:  # a rerun of a finished run (a retried RayJob): nothing to train
+    finished = finished_result(cfg)
+    if finished is not None:  # a rerun of a finished run (a retried RayJob): nothing to train
         print(f"[{cfg.run_name}] already trained ({cfg.epochs} epoch(s) in {cfg.storage_path}/"
               f"{cfg.run_name}): scoring its best checkpoint again", flush=True)
-        failures, compute_ms = [], []
+        (result, state), failures, compute_ms = finished, [], []
     else:
         result, console = train(cfg, budget)
-        failures, compute_ms = console.failures, console.compute_ms
+        state, failures, compute_ms = run_state(result), console.failures, console.compute_ms
     checkpoint, best = best_checkpoint(result)
     model = load_checkpoint_model(cfg, checkpoint)
-    state = run_state(result)
     test = score(model, *D.read_split(cfg.data, "test", manifest))
     history = state["history"]
     sizes = [h.get("world_size") for h in history]

@@ -59,8 +59,8 @@ def load_checkpoint_model(cfg: JobConfig, checkpoint):
 
 
 def finished_result(cfg: JobConfig):
-    """Ray Train's result of this run if its storage holds it trained to the last epoch, read
-    without starting Ray or a worker; else None."""
+    """(Ray Train's result, run_state) of this run if its storage holds it trained to the last
+    epoch, read without starting Ray or a worker; else None."""
     import logging
 
     import ray.train
@@ -74,7 +74,10 @@ def finished_result(cfg: JobConfig):
         return None
     finally:
         notes.setLevel(level)
-    return result if result.checkpoint and run_state(result)["epoch"] >= cfg.epochs else None
+    if not result.checkpoint:
+        return None
+    state = run_state(result)
+    return (result, state) if state["epoch"] >= cfg.epochs else None
 
 
 def run_state(result) -> dict:
