@@ -117,6 +117,9 @@ def causes(rank: int, text: str, errors: dict, addresses: dict) -> list[tuple[tu
                 ((peer,), f"stopped answering the all-reduce (no heartbeats reached worker {rank} "
                           f"on {addresses.get(rank, '?')}: it hung, or the link between them is cut)")
                 for peer in peers]
+    if "CoordinationService/RegisterTask" in text:  # workarounds.bounded_peer_registration
+        return [((rank, 0), "could not reach each other when the group started (the link between "
+                            "them is cut, or worker 0 never came up)")]
     remote = re.search(r"remote target " + TASK.pattern, text)
     if remote:
         return [((int(remote.group(1)),), f"dropped its connection to worker {rank} "

@@ -87,6 +87,39 @@ def keep_collectives_on_loopback() -> None:
     os.environ["TF_CONFIG"] = json.dumps(tf_config)
 
 
+# How long a (re)started worker group's workers wait to reach each other before the start fails.
+# Workers of one group start together: their TensorFlow set-up differs by seconds, not minutes.
+PEER_REGISTRATION_SECONDS = 90
+
+
+def bounded_peer_registration() -> None:
+    """Give the workers' first contact a deadline: PEER_REGISTRATION_SECONDS instead of an hour.
+
+    Cause: MWMS starts TensorFlow's coordination service with the default register timeout
+    (kDefaultClusterRegisterTimeout, 1 hour, in xla/tsl coordination_service_agent.cc), and its
+    heartbeats only watch workers that have registered. A group restarted onto two hosts whose
+    link is cut (Ray does not know the link is down) so waited an hour without a line; with a
+    deadline its start fails and Ray Train counts it against --max-failures like any failure.
+    MWMS keeps a coordination service configured before it (collective_all_reduce_strategy.py):
+    this one is MWMS's own plus the deadline. Call before MultiWorkerMirroredStrategy().
+    """
+    import tensorflow as tf
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    cluster = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec()
+    if not cluster.jobs or context.context().coordination_service is not None:
+        return
+    context.context().configure_coordination_service(
+        service_type="standalone",
+        service_leader=multi_worker_util.coordination_leader(cluster),
+        coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name=job,
+                                                                 num_tasks=cluster.num_tasks(job))
+                          for job in ("chief", "worker") if job in cluster.jobs],
+        cluster_register_timeout_in_ms=PEER_REGISTRATION_SECONDS * 1000)
+
+
 def per_device_datasets_without_autotune() -> None:
     """Turn tf.data autotuning off for MWMS's per-device input stage.
 
@@ -117,4 +150,5 @@ def apply_in_worker() -> None:
     """All of the above that a training worker needs, after checking the versions."""
     check_versions()
     keep_collectives_on_loopback()
+    bounded_peer_registration()
     per_device_datasets_without_autotune()

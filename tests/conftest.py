@@ -103,10 +103,12 @@ HOLD_CPUS = ("import sys, time, ray; ray.init(address=sys.argv[1], log_to_driver
              "ray.get(pg.ready(), timeout=60); print('held', flush=True); time.sleep(600)")
 
 
-def wait_for(condition, what: str, timeout: float = 300):
+def wait_for(condition, what: str, timeout: float = 300, log: Path | None = None):
+    """Poll `condition`; on timeout fail, with the end of `log` if given."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, (f"timed out waiting for {what}" +
+                                             (f":\n{log.read_text()[-3000:]}" if log else ""))
         time.sleep(0.5)
 
 

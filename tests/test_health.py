@@ -23,6 +23,10 @@ PROCESS_DIED = ("A worker health check failed.\nThe actor died unexpectedly befo
 PEER_RESET = ("Collective ops is aborted by: recvmsg:Connection reset by peer\nAdditional GRPC error "
               "information from remote target /job:worker/replica:0/task:1 while calling "
               "/tensorflow.WorkerService/RecvBuf:\n\t [[{{node while/CollectiveReduceV2}}]]")
+# Worker 1's first contact with worker 0 timed out (workarounds.bounded_peer_registration).
+NEVER_REACHED = ("Deadline Exceeded\nAdditional GRPC error information from remote target /job:worker/"
+                 "replica:0/task:0 while calling /tensorflow.CoordinationService/RegisterTask:\n"
+                 ":UNKNOWN:Error received from peer  {grpc_status:4, grpc_message:\"Deadline Exceeded\"}")
 
 
 def test_a_frozen_worker_is_the_one_its_peers_stopped_hearing():
@@ -38,6 +42,12 @@ def test_a_frozen_worker_is_the_one_its_peers_stopped_hearing():
 def test_two_workers_that_blame_each_other_lost_the_link_between_them():
     what, _ = describe_failure({0: UNHEALTHY_1, 1: NO_COORDINATOR}, ADDRESSES)
     assert what.startswith("worker 0 on 10.251.7.11 and worker 1 on 10.251.7.12: lost contact")
+
+
+def test_workers_that_never_reached_each_other_name_the_link_not_a_dead_process():
+    what, _ = describe_failure({1: NEVER_REACHED}, ADDRESSES)
+    assert what == ("worker 0 on 10.251.7.11 and worker 1 on 10.251.7.12: could not reach each other "
+                    "when the group started (the link between them is cut, or worker 0 never came up)")
 
 
 def test_a_dead_process_explains_its_peers_errors():

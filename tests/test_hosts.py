@@ -28,7 +28,7 @@ from tests.conftest import (
     wait_for,
 )
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults"),
               pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
 
 # Our own names and subnet: a user's hosts cluster (the defaults) may be up beside the tests.
@@ -61,28 +61,46 @@ def namespaces() -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line]
 
 
+DRIVERS: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_driver_outlives_its_test():
+    yield
+    while DRIVERS:  # a failed test's driver: stopped here, not left to the tests after it
+        driver = DRIVERS.pop()
+        driver.kill()
+        driver.wait()
+
+
 def train(hosts, data, tmp, *flags) -> subprocess.Popen:
     """The driver on the head host, as a user there would run it."""
     env = {**os.environ, **HOSTS_ENV, "HOSTS_DIR": str(hosts)}
     with open(tmp / "console.log", "w") as log:  # the driver writes to its own copy of the fd
-        return subprocess.Popen(
+        DRIVERS.append(subprocess.Popen(
             [sys.executable, "-m", "cluster.hosts", "exec", "head", "--", sys.executable, "-m", "job",
              *interrupted_run_args(data, tmp, "--name", "run", "--ray-address", f"{HEAD}:6379", *flags)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
+    return DRIVERS[-1]
 
 
 def console(tmp) -> str:
     return (tmp / "console.log").read_text()
 
 
+def until(driver, tmp, condition, what: str, timeout: float = 300) -> None:
+    """Wait for `condition` or the driver's end; on timeout, fail with the console's end."""
+    wait_for(lambda: condition() or driver.poll() is not None, what, timeout, tmp / "console.log")
+
+
 def first_checkpoint(driver, tmp) -> None:
     snapshot = tmp / "ckpt" / "run" / "checkpoint_manager_snapshot.json"
-    wait_for(lambda: snapshot.exists() or driver.poll() is not None, "the first checkpoint")
+    until(driver, tmp, snapshot.exists, "the first checkpoint")
     assert snapshot.exists(), console(tmp)[-3000:]
 
 
 def seconds_until_failure_line(driver, tmp, since: float) -> float:
-    wait_for(lambda: failure_lines(tmp) or driver.poll() is not None, "a failure line", 300)
+    until(driver, tmp, lambda: failure_lines(tmp), "a failure line")
     return time.monotonic() - since
 
 
@@ -138,8 +156,8 @@ def test_a_frozen_then_a_killed_worker_are_named_and_the_run_ends_with_the_same_
     try:
         assert seconds_until_failure_line(driver, tmp_path, frozen) < 60, console(tmp_path)[-3000:]
         # Then, once the restarted group has finished an epoch, a worker process dies.
-        wait_for(lambda: f"] epoch 2/{INTERRUPTED_EPOCHS}: loss" in console(tmp_path)
-                 or driver.poll() is not None, "epoch 2 after the restart")
+        until(driver, tmp_path, lambda: f"] epoch 2/{INTERRUPTED_EPOCHS}: loss" in console(tmp_path),
+              "epoch 2 after the restart")
         killed, victim = sorted(training_workers(hosts).items())[0]
         os.kill(victim, signal.SIGKILL)
         assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
@@ -164,14 +182,14 @@ def test_a_cut_link_costs_a_restart_and_one_cut_for_good_ends_the_run(hosts, sma
     first_checkpoint(driver, tmp_path)
     a, b = sorted(training_workers(hosts))
     assert hosts_cli(hosts, "cut", a, b).returncode == 0
-    try:  # cut until the run has gone on: restarted on the spare host and trained an epoch
-        wait_for(lambda: failure_lines(tmp_path) or driver.poll() is not None, "a failure line", 180)
-        trained = console(tmp_path).count(": loss ")
-        wait_for(lambda: console(tmp_path).count(": loss ") > trained or driver.poll() is not None,
-                 "an epoch after the restart")
+    try:  # healed once the failure is named: Ray may place the restarted group on a and b again
+        until(driver, tmp_path, lambda: failure_lines(tmp_path), "a failure line", 180)
     finally:
         assert hosts_cli(hosts, "heal", a, b).returncode == 0
     assert "restarting from epoch " in failure_lines(tmp_path)[0], console(tmp_path)[-3000:]
+    trained = console(tmp_path).count(": loss ")
+    until(driver, tmp_path, lambda: console(tmp_path).count(": loss ") > trained,
+          "an epoch after the restart")
     # Then the link between its workers is cut for good.
     a, b = sorted(training_workers(hosts))
     assert hosts_cli(hosts, "cut", a, b).returncode == 0
@@ -197,12 +215,11 @@ def test_a_slow_host_is_named_within_the_first_epoch(hosts, tmp_path, source_dir
     prepare_data(source_dir, data, num_shards=4, seed=0, limit=4800)
     driver = train(hosts, data, tmp_path, "--epochs", "1", "--progress-seconds", "1")
     # Slow from the first steps on (not while it starts: that only delays the run) until named.
-    wait_for(lambda: "] epoch 1/1: " in console(tmp_path) or driver.poll() is not None, "training")
+    until(driver, tmp_path, lambda: "] epoch 1/1: " in console(tmp_path), "training")
     slow = sorted(training_workers(hosts))[0]
     assert hosts_cli(hosts, "throttle", slow, "30").returncode == 0
     try:
-        wait_for(lambda: "straggler: " in console(tmp_path) or driver.poll() is not None,
-                 "the straggler line", 120)
+        until(driver, tmp_path, lambda: "straggler: " in console(tmp_path), "the straggler line", 120)
     finally:
         assert hosts_cli(hosts, "throttle", slow, "100").returncode == 0
     assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
@@ -232,8 +249,8 @@ def test_an_elastic_run_goes_on_with_fewer_workers_after_losing_hosts_and_grows_
         assert hosts_cli(hosts, "isolate", host).returncode == 0
     cut = time.monotonic()
     try:
-        wait_for(lambda: "resized: 2 -> 1" in console(tmp_path) or driver.poll() is not None,
-                 "the run to go on with one worker", 300)
+        until(driver, tmp_path, lambda: "resized: 2 -> 1" in console(tmp_path),
+              "the run to go on with one worker")
         assert time.monotonic() - cut < 240, console(tmp_path)[-3000:]
     finally:
         for host in (lost, spare):

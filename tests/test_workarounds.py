@@ -1,13 +1,16 @@
 """job/workarounds.py: each workaround still does what it says on the pinned TensorFlow and Ray,
 and an unchecked version is refused."""
 
+import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from job import workarounds
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 
 def python(code: str) -> str:
@@ -52,3 +55,31 @@ def test_tensorflows_native_start_up_lines_go_to_the_file(tmp_path):
     assert out.returncode == 0
     assert out.stderr == "after\n"
     assert "inside" in log.read_text()
+
+
+def test_a_worker_whose_peers_never_answer_fails_its_start_at_the_deadline():
+    # Worker 1 of 2, whose leader (worker 0) is never there, as behind a cut link. Without the
+    # workaround it waits TensorFlow's hour; with it (deadline 3 s here) MWMS() raises.
+    code = ("import sys, tensorflow as tf; from job import workarounds\n"
+            "workarounds.PEER_REGISTRATION_SECONDS = 3\n"
+            "if sys.argv[1] == 'fixed': workarounds.bounded_peer_registration()\n"
+            "try: tf.distribute.MultiWorkerMirroredStrategy()\n"
+            "except tf.errors.DeadlineExceededError: print('deadline')\n")
+
+    def worker_1_of_2(how: str) -> subprocess.Popen:  # each its own ports: both bind worker 1's
+        cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster,
+                                                      "task": {"type": "worker", "index": 1}})}
+        return subprocess.Popen([sys.executable, "-c", code, how], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    runs = {how: worker_1_of_2(how) for how in ("fixed", "default")}
+    try:
+        out, _ = runs["fixed"].communicate(timeout=120)
+        assert out.strip() == "deadline"
+        time.sleep(5)
+        assert runs["default"].poll() is None  # still waiting for its peer
+    finally:
+        for run in runs.values():
+            run.kill()
+            run.communicate()
