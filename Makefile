@@ -67,11 +67,8 @@ gpu-check: data
 	$(PY) -m pip install -q -e '.[gpu,dev]'
 	$(PY) bench/gpu_check.py --data $(DATA) --epochs $(if $(filter command line,$(origin EPOCHS)),$(EPOCHS),3) -- $(FLAGS)
 
-# Two test processes: most tests wait (on Ray's start-up, heartbeats, timeouts) more than they
-# compute. The fault tests (xdist group "faults") run in one of them, one after another.
-TEST_JOBS ?= 2
 test: setup fashion-mnist-source
-	$(PY) -m pytest -n $(TEST_JOBS) --dist loadgroup
+	$(PY) -m pytest
 
 # The edit-run loop: unit and config tests, no Ray cluster or training run (< 1 min on 2 cores).
 test-fast: setup fashion-mnist-source

@@ -28,7 +28,7 @@ from tests.conftest import (
     wait_for,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults"),
+pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
 
 # Our own names and subnet: a user's hosts cluster (the defaults) may be up beside the tests.

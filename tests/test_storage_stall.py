@@ -14,7 +14,7 @@ import pytest
 from job.guards import PROBE_SECONDS
 from tests.conftest import REPO, interrupted_run_args, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults"),
+pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="loop mounts and fsfreeze need root")]
 
 
