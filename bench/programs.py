@@ -100,13 +100,13 @@ def test_curve(data: str, run_dir: str, model: str = "seed") -> dict:
 
 
 def step_timing(data: str, threads: int, rounds: int = 3) -> dict:
-    """What the straggler watch's step timing costs: the job's step function (ReplicaLocalMetrics,
+    """What the straggler watch's step timing costs: the job's step function (JobSteps,
     one process, no Ray) timed per epoch with its compute clock on and off, interleaved."""
     import tensorflow as tf
     import tf_keras as keras
 
     from job.model import build_model
-    from job.train import ReplicaLocalMetrics
+    from job.step import JobSteps
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
@@ -115,9 +115,9 @@ def step_timing(data: str, threads: int, rounds: int = 3) -> dict:
     models = {}
     for timed in (False, True):
         keras.utils.set_random_seed(0)
-        models[timed] = build_model("seed", 1e-3, steps_per_execution=8, sequential=ReplicaLocalMetrics)
+        models[timed] = build_model("seed", 1e-3, steps_per_execution=8, sequential=JobSteps)
         if timed:
-            models[timed].time_compute_into(tf.Variable(0.0, dtype=tf.float64, trainable=False))
+            models[timed].configure_steps(tf.Variable(0.0, dtype=tf.float64, trainable=False))
     seconds = {"off": [], "on": []}
     for _ in range(rounds):
         for timed, name in ((False, "off"), (True, "on")):

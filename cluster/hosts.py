@@ -5,7 +5,7 @@ own address, for tests and for trying faults the way real clusters meet them (ne
     python -m cluster.hosts exec HOST -- CMD...   run CMD on HOST (head, w1, w2, ...)
     python -m cluster.hosts cut A B | heal A B    silently drop | restore the link between two hosts
     python -m cluster.hosts isolate H | rejoin H  take a host off the network | put it back
-    python -m cluster.hosts restart H             end a host's processes, start its Ray node again
+    python -m cluster.hosts restart H [H ...]     end hosts' processes, start their Ray nodes again
     python -m cluster.hosts throttle H PERCENT    cap a host's CPU (100: no cap)
     python -m cluster.hosts shape H RATE          cap a host's link, e.g. 1gbit (0: no cap)
     python -m cluster.hosts down                  stop this cluster's processes, remove what up made
@@ -174,12 +174,13 @@ def stop_processes(names: list[str]) -> None:
     end(lambda: {pid for host in names for pid in host_pids(host) if alive(pid)})
 
 
-def restart(host: str) -> None:
+def restart(names: list[str]) -> None:
     """A host whose Ray node was declared dead (off the network too long) stays dead: Ray does
-    not take a node back. Start a new one there."""
-    stop_processes([host])
-    start_ray(host)
-    wait_for_nodes([host])
+    not take a node back. Start a new one there (on each host, then wait for all at once)."""
+    stop_processes(names)
+    for host in names:
+        start_ray(host)
+    wait_for_nodes(names)
 
 
 def down() -> None:
@@ -251,8 +252,9 @@ def main(argv=None) -> int:
         pair = verbs.add_parser(verb)
         pair.add_argument("a")
         pair.add_argument("b")
-    for verb in ("isolate", "rejoin", "restart"):
+    for verb in ("isolate", "rejoin"):
         verbs.add_parser(verb).add_argument("host")
+    verbs.add_parser("restart").add_argument("hosts", nargs="+")
     cap = verbs.add_parser("throttle")
     cap.add_argument("host")
     cap.add_argument("percent", type=int)
@@ -265,7 +267,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        for host in {getattr(args, k, None) for k in ("host", "a", "b")} - {None}:
+        named = {getattr(args, k, None) for k in ("host", "a", "b")} | set(getattr(args, "hosts", []))
+        for host in named - {None}:
             if host not in hosts():
                 raise HostsError(f"no host {host!r} (hosts: {', '.join(hosts()) or 'none, run up'})")
         if args.verb == "up":
@@ -280,7 +283,7 @@ def main(argv=None) -> int:
         elif args.verb in ("isolate", "rejoin"):
             isolate(args.host, rejoin=args.verb == "rejoin")
         elif args.verb == "restart":
-            restart(args.host)
+            restart(args.hosts)
         elif args.verb == "throttle":
             throttle(args.host, args.percent)
         elif args.verb == "shape":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 MODEL_NAMES = ("seed", "strong")
 LR_SCHEDULES = ("constant", "cosine")
+GRAD_COMPRESSIONS = ("none", "fp16", "bf16")
 # Named recipes: presets between the defaults and the user's own values (docs/recipes.md has
 # what each scores over seeds; `make seeds RECIPE=...` measures one). "large-batch": few, large
 # optimizer steps (GPU time per epoch is about proportional to steps); `--fast --use-gpu` uses it.
@@ -101,6 +102,12 @@ class JobConfig:
     fast: bool = setting(False, f"fast path: on CPUs bigger batches, scaled LR, {FAST_EPOCHS} "
                                 "epochs; on GPUs the large-batch recipe, float16, and XLA for one "
                                 "worker (flags given win)")
+    grad_compression: str = setting("none", "the gradients cross the network as fp16 or bf16 (half "
+                                            "the bytes; summed in that type, applied to float32 "
+                                            "weights), or none (float32)")
+    all_reduce_pack_mb: float = setting(0.0, "all-reduce the gradients in packs of about this many "
+                                             "MB, the last layers' first, so the first starts during "
+                                             "the backward pass (0: one pack, after it)")
     steps_per_execution: int = setting(8, "training steps per call into TensorFlow's compiled "
                                           "function: fewer Python round-trips (same model)")
     jit_compile: bool = setting(False, "XLA-compile the training step (one worker only)")
@@ -154,6 +161,10 @@ class JobConfig:
             (0 <= self.min_accuracy <= 1, f"--min-accuracy must be in [0, 1] (got {self.min_accuracy})"),
             (self.max_regression >= 0, f"--max-regression must be >= 0 (got {self.max_regression})"),
             (self.model in MODEL_NAMES, f"--model must be one of {MODEL_NAMES} (got {self.model!r})"),
+            (self.grad_compression in GRAD_COMPRESSIONS,
+             f"--grad-compression must be one of {GRAD_COMPRESSIONS} (got {self.grad_compression!r})"),
+            (self.all_reduce_pack_mb >= 0,
+             f"--all-reduce-pack-mb must be >= 0 (got {self.all_reduce_pack_mb})"),
             (self.lr_schedule in LR_SCHEDULES,
              f"--lr-schedule must be one of {LR_SCHEDULES} (got {self.lr_schedule!r})"),
             (0 <= self.warmup_epochs < self.epochs,
@@ -219,6 +230,7 @@ def fast_path_settings(chosen: dict) -> dict:
 TRAINING_FIELDS = (
     "data", "model", "epochs", "num_workers", "batch_size", "learning_rate", "lr_schedule",
     "warmup_epochs", "adam_beta2", "flips", "seed", "use_gpu", "jit_compile", "mixed_precision",
+    "grad_compression",
 )
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(JobConfig) if f.name != "extra")
 

@@ -1,7 +1,7 @@
 """Health of a run: what failed and where, and which worker is slow.
 
 - Workers: each announces its address when it starts (`WorkerStarted`) and times its own compute
-  per step, apart from its wait in the all-reduce (`ReplicaLocalMetrics.train_step` reads the
+  per step, apart from its wait in the all-reduce (`JobSteps.train_step`, job/step.py, reads the
   clock before the forward pass and after the gradients exist); `StepTimer` sends the mean every
   REPORT_SECONDS to the driver's queue, like progress: no worker waits for another.
 - The driver names the failed worker(s) and the cause from the exceptions Ray Train reports

@@ -26,7 +26,8 @@ from job import health
 from job.config import JobConfig
 from job.console import Progress
 from job.gpu import check_worker_gpus
-from job.model import build_model, mirror_averaged
+from job.model import build_model
+from job.step import JobSteps
 from job.workarounds import apply_in_worker
 
 STATE_FILE = "state.json"  # epoch, per-epoch history and restarts, beside the TF checkpoint
@@ -115,57 +116,6 @@ def normalize(images, labels):
     return tf.cast(images, tf.float32) / 255.0, tf.one_hot(tf.cast(labels, tf.int32), D.NUM_CLASSES)
 
 
-class ReplicaLocalMetrics(keras.Sequential):
-    """A Sequential whose train and test steps return this replica's running loss and accuracy.
-
-    tf-keras' steps return `metric.result()`, which in a replica context all-reduces each
-    metric's total and count across workers (metrics_utils.result_wrapper): 4 collectives a
-    step, each a round trip, on top of the gradients' one. Here a step only updates its
-    replica's metric variables (ON_READ: local until read across replicas) and returns their
-    local ratio, which is what progress lines show. At the end of each epoch and validation
-    pass `fit` replaces the step's logs with `get_metrics_result()`, read outside any replica:
-    the all-worker totals, once per epoch, so epoch logs are the exact all-worker figures.
-    """
-
-    scores_mirror_averaged = False  # --flips: validation scores as the test and export do
-    compute_seconds = None  # a local float64 variable: this worker's compute time (job/health.py)
-
-    @tf.__internal__.tracking.no_automatic_dependency_tracking
-    def time_compute_into(self, variable: tf.Variable) -> None:
-        self.compute_seconds = variable  # not tracked: no part of the checkpoint
-
-    def train_step(self, data):
-        """tf-keras' step (forward, loss, gradients, apply), split where the gradients exist:
-        the time before that split is this worker's compute; the all-reduce starts after it,
-        inside apply_gradients, and its wait for slower peers is left out."""
-        if self.compute_seconds is None:
-            return super().train_step(data)
-        started = tf.timestamp()
-        with tf.control_dependencies([started]):
-            data = tf.nest.map_structure(tf.identity, data)
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            loss = self.compute_loss(x, y, y_pred, sample_weight)
-        grads_and_vars = self.optimizer.compute_gradients(loss, self.trainable_variables, tape)
-        with tf.control_dependencies([g for g, _ in grads_and_vars if g is not None]):
-            self.compute_seconds.assign_add(tf.timestamp() - started)
-        self.optimizer.apply_gradients(grads_and_vars)
-        return self.compute_metrics(x, y, y_pred, sample_weight)
-
-    def test_step(self, data):
-        if not self.scores_mirror_averaged:
-            return super().test_step(data)
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred = mirror_averaged(self, x)
-        self.compute_loss(x, y, y_pred, sample_weight)
-        return self.compute_metrics(x, y, y_pred, sample_weight)
-
-    def compute_metrics(self, x, y, y_pred, sample_weight):
-        self.compiled_metrics.update_state(y, y_pred, sample_weight)
-        return {m.name: tf.math.divide_no_nan(m.total, m.count) for m in self.metrics}
-
-
 class ReportEachEpoch(keras.callbacks.Callback):
     """Save a checkpoint on every rank and report it to Ray once per epoch.
 
@@ -199,7 +149,7 @@ class ReportEachEpoch(keras.callbacks.Callback):
 
 class ProgressToDriver(keras.callbacks.Callback):
     """Rank 0's step count, loss and accuracy, put on the driver's queue at most every `every`
-    seconds. The logs are its own replica's (ReplicaLocalMetrics), and it reads them only when it
+    seconds. The logs are its own replica's (job/step.py), and it reads them only when it
     sends: no worker waits for another, and the other steps pay nothing."""
 
     def __init__(self, queue, every: float):
@@ -294,13 +244,13 @@ def train_loop_per_worker(config: dict) -> None:
             model = build_model(cfg.model, cfg.learning_rate, train_steps, cfg.epochs,
                                 cfg.jit_compile, cfg.lr_schedule, cfg.warmup_epochs,
                                 cfg.steps_per_execution, cfg.adam_beta2,
-                                sequential=ReplicaLocalMetrics)
-            # The step outputs are replica-local (ReplicaLocalMetrics): take this worker's first
+                                sequential=JobSteps)
+            # The step outputs are replica-local (JobSteps): take this worker's first
             # replica's, where tf-keras' "auto" sums them across workers, one collective each.
             model.distribute_reduction_method = "first"
             model.scores_mirror_averaged = cfg.flips
             model.optimizer.build(model.trainable_variables)  # slots exist before a restore
-            model.time_compute_into(compute_seconds)
+            model.configure_steps(compute_seconds, cfg.grad_compression, cfg.all_reduce_pack_mb)
             checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
         if ckpt_dir:
             checkpoint.read(os.path.join(ckpt_dir, WEIGHTS_PREFIX)).assert_consumed()

@@ -42,6 +42,8 @@ def test_a_warm_up_the_user_did_not_ask_for_fits_a_shorter_run():
     ("learning_rate", 0.0, "--learning-rate must be > 0"),
     ("adam_beta2", 1.0, "--adam-beta2 must be in"),
     ("model", "resnet", "--model must be one of"),
+    ("grad_compression", "int8", "--grad-compression must be one of"),
+    ("all_reduce_pack_mb", -1.0, "--all-reduce-pack-mb must be >= 0"),
     ("max_failures", -2, "--max-failures must be >= -1"),
     ("mixed_precision", True, "--mixed-precision needs --use-gpu"),
     ("jit_compile", True, "--jit-compile works with --num-workers 1 only"),
