@@ -50,7 +50,8 @@ data: setup fashion-mnist-source
 train-local: data
 	$(PY) -m job train --data $(DATA) $(JOB_CHOICES) --output $(OUTPUT) $(FLAGS)
 
-# Costs against plain Keras, collectives per step, time to 0.90 -> bench/results.json (~40 min).
+# Costs against plain Keras, collectives per step, time to 0.90, the all-reduce over a 1 Gbit/s
+# link (as root) -> bench/results.json (~60 min).
 # Prints the targets it missed; CHECK=1 makes a miss fail.
 bench: setup fashion-mnist-source
 	$(PY) -m bench.run $(if $(CHECK),--check)

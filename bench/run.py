@@ -1,9 +1,11 @@
 """`make bench`: what the job costs against plain Keras, and how soon it reaches 0.90, in one run.
 
-    python -m bench.run                     # both groups (~35 min on 2 cores)
+    python -m bench.run                     # every group (~60 min on 2 cores)
     python -m bench.run --only accuracy     # wall and time to test accuracy 0.90, full data
     python -m bench.run --only speed        # epoch-time ratios on a 10,000-image subset, and
                                             # the collectives a training step runs
+    python -m bench.run --only network      # 2 worker hosts, each link unshaped and at 1 Gbit/s,
+                                            # the all-reduce settings (bench/network.py; root)
     python -m bench.run --check             # exit 1 if a target (TARGETS) is missed
 
 Every measurement runs in a fresh process (bench/programs.py, or the job's own CLI) and every
@@ -26,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.network import network
 from job import data as D
 from job.driver import RAY_LOGS
 
@@ -45,6 +48,8 @@ TARGETS = [
     ("read_all_shards / full_epoch", 0.02),
     ("ray_start_seconds", 10.0),
     ("fast / reference: time to 0.90", 0.5),
+    ("2 worker hosts, epoch: links at 1 Gbit/s / unshaped, the default settings", 1.15),
+    ("all-reduce bytes a step: --grad-compression fp16 / float32", 0.5),
 ]
 
 # Epoch-time ratios the speed group reports (numerator, denominator).
@@ -199,12 +204,19 @@ def figures(results: dict) -> dict:
             a["reference"]["command_seconds"] / a["plain_keras_10_epochs"]["command_seconds"])
         reference, fast = (a[k]["time_to_0.90"] for k in ("reference", "fast"))
         found["fast / reference: time to 0.90"] = (fast / reference if fast and reference else float("inf"))
+    if "table" in results.get("network", {}):
+        n = results["network"]["table"]
+        found["2 worker hosts, epoch: links at 1 Gbit/s / unshaped, the default settings"] = (
+            n["float32_one_pack"]["1gbit / unshaped"])
+        found["all-reduce bytes a step: --grad-compression fp16 / float32"] = (
+            n["fp16_one_pack"]["bytes a step"] / n["float32_one_pack"]["bytes a step"])
     return found
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("speed", "accuracy"), help="one group (default both)")
+    parser.add_argument("--only", choices=("speed", "accuracy", "network"),
+                        help="one group (default all; network needs root)")
     parser.add_argument("--source", default=D.default_source(), help="official IDX files")
     parser.add_argument("--subset", type=int, default=10000,
                         help="official train images for the speed group (80 %% train / 20 %% val)")
@@ -217,11 +229,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         full, subset = f"{tmp}/full", f"{tmp}/subset"
         D.prepare_data(args.source, full)
-        if args.only != "speed":
+        if args.only in (None, "accuracy"):
             results["accuracy"] = time_to_accuracy(full, cores)
-        if args.only != "accuracy":
+        if args.only in (None, "speed"):
             D.prepare_data(args.source, subset, limit=args.subset)
             results["speed"] = speed(args.source, tmp, subset, full, cores)
+        if args.only in (None, "network"):
+            results["network"] = network(args.source, tmp)
     found = figures(results)
     results["targets"] = {name: {"value": found[name], "ceiling": ceiling, "met": found[name] <= ceiling}
                           for name, ceiling in TARGETS if name in found}
