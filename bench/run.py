@@ -228,7 +228,8 @@ def main() -> int:
                           f"Python {platform.python_version()}"}
     with tempfile.TemporaryDirectory() as tmp:
         full, subset = f"{tmp}/full", f"{tmp}/subset"
-        D.prepare_data(args.source, full)
+        if args.only != "network":  # the network group prepares its own subset
+            D.prepare_data(args.source, full)
         if args.only in (None, "accuracy"):
             results["accuracy"] = time_to_accuracy(full, cores)
         if args.only in (None, "speed"):
