@@ -33,9 +33,12 @@ pytestmark = [pytest.mark.slow,
 
 # Our own names and subnet: a user's hosts cluster (the defaults) may be up beside the tests.
 # Ray's node health check at 1 s, 2 s timeout, 5 misses (default 3 s, 10 s, 5: ~65 s): a lost
-# host is declared dead in ~15 s, not a minute (docs/fault-tolerance.md).
+# host is declared dead in ~15 s, not a minute. gRPC client keepalive 10 s + 10 s (default 300 s
+# + 120 s): a call in flight to a lost host fails in ~20 s, not ~2 minutes; the placement of the
+# smaller group waits on one (docs/fault-tolerance.md).
 HOSTS_ENV = {"HOSTS_PREFIX": "fjt", "HOSTS_SUBNET": "10.251.8", "RAY_health_check_period_ms": "1000",
-             "RAY_health_check_timeout_ms": "2000"}
+             "RAY_health_check_timeout_ms": "2000", "RAY_grpc_client_keepalive_time_ms": "10000",
+             "RAY_grpc_client_keepalive_timeout_ms": "10000"}
 HEAD = f"{HOSTS_ENV['HOSTS_SUBNET']}.1"
 
 
@@ -116,15 +119,22 @@ def finish(driver, tmp, timeout=400) -> int:
         raise AssertionError(console(tmp)[-3000:]) from None
 
 
-def training_workers(hosts) -> dict[str, int]:
-    """host -> pid of the training worker it runs."""
+def started(pid: int) -> int:
+    """When the process started: clock ticks since boot (/proc/PID/stat, field 22)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def training_workers(hosts, driver) -> dict[str, int]:
+    """host -> pid of the training worker it runs for this driver (an earlier test's worker
+    may still be on its way out)."""
     found = {}
     for host in ("w1", "w2", "w3"):
         pids = subprocess.run(["ip", "netns", "pids", f"fjt-{host}"], capture_output=True,
                               text=True).stdout.split()
         for pid in pids:
             try:
-                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                if (Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker")
+                        and started(int(pid)) >= started(driver.pid)):
                     found[host] = int(pid)
             except OSError:
                 continue
@@ -153,7 +163,7 @@ def test_a_frozen_then_a_killed_worker_are_named_and_the_run_ends_with_the_same_
         hosts, small_data, uninterrupted_run, tmp_path):
     driver = train(hosts, small_data, tmp_path, "--max-failures", "2")
     first_checkpoint(driver, tmp_path)
-    host, pid = sorted(training_workers(hosts).items())[-1]
+    host, pid = sorted(training_workers(hosts, driver).items())[-1]
     os.kill(pid, signal.SIGSTOP)  # alive, holding its sockets, answering nothing: a hung GPU
     frozen = time.monotonic()
     try:
@@ -161,7 +171,7 @@ def test_a_frozen_then_a_killed_worker_are_named_and_the_run_ends_with_the_same_
         # Then, once the restarted group has finished an epoch, a worker process dies.
         until(driver, tmp_path, lambda: f"] epoch 2/{INTERRUPTED_EPOCHS}: loss" in console(tmp_path),
               "epoch 2 after the restart")
-        killed, victim = sorted(training_workers(hosts).items())[0]
+        killed, victim = sorted(training_workers(hosts, driver).items())[0]
         os.kill(victim, signal.SIGKILL)
         assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
     finally:
@@ -183,7 +193,7 @@ def test_a_frozen_then_a_killed_worker_are_named_and_the_run_ends_with_the_same_
 def test_a_cut_link_costs_a_restart_and_one_cut_for_good_ends_the_run(hosts, small_data, tmp_path):
     driver = train(hosts, small_data, tmp_path, "--max-failures", "1", "--epochs", "30")
     first_checkpoint(driver, tmp_path)
-    a, b = sorted(training_workers(hosts))
+    a, b = sorted(training_workers(hosts, driver))
     assert hosts_cli(hosts, "cut", a, b).returncode == 0
     try:  # healed once the failure is named: Ray may place the restarted group on a and b again
         until(driver, tmp_path, lambda: failure_lines(tmp_path), "a failure line", 180)
@@ -194,7 +204,7 @@ def test_a_cut_link_costs_a_restart_and_one_cut_for_good_ends_the_run(hosts, sma
     until(driver, tmp_path, lambda: console(tmp_path).count(": loss ") > trained,
           "an epoch after the restart")
     # Then the link between its workers is cut for good.
-    a, b = sorted(training_workers(hosts))
+    a, b = sorted(training_workers(hosts, driver))
     assert hosts_cli(hosts, "cut", a, b).returncode == 0
     cut = time.monotonic()
     try:
@@ -219,7 +229,9 @@ def test_a_slow_host_is_named_within_the_first_epoch(hosts, tmp_path, source_dir
     driver = train(hosts, data, tmp_path, "--epochs", "1", "--progress-seconds", "1")
     # Slow from the first steps on (not while it starts: that only delays the run) until named.
     until(driver, tmp_path, lambda: "] epoch 1/1: " in console(tmp_path), "training")
-    slow = sorted(training_workers(hosts))[0]
+    workers = training_workers(hosts, driver)
+    assert len(workers) == 2, workers
+    slow = sorted(workers)[0]
     assert hosts_cli(hosts, "throttle", slow, "30").returncode == 0
     try:
         until(driver, tmp_path, lambda: "straggler: " in console(tmp_path), "the straggler line", 120)
@@ -245,7 +257,7 @@ def test_an_elastic_run_goes_on_with_fewer_workers_after_losing_hosts_and_grows_
     driver = train(hosts, small_data, tmp_path, "--min-workers", "1", "--epochs", "24",
                    "--resize-check-seconds", "5")
     first_checkpoint(driver, tmp_path)
-    busy = training_workers(hosts)
+    busy = training_workers(hosts, driver)
     lost, pid = sorted(busy.items())[-1]
     [spare] = {"w1", "w2", "w3"} - set(busy)
     for host in (lost, spare):
