@@ -1,11 +1,12 @@
 """`make bench`: what the job costs against plain Keras, and how soon it reaches 0.90, in one run.
 
-    python -m bench.run                     # every group (~60 min on 2 cores)
+    python -m bench.run                     # every group (~75 min on 2 cores)
     python -m bench.run --only accuracy     # wall and time to test accuracy 0.90, full data
     python -m bench.run --only speed        # epoch-time ratios on a 10,000-image subset, and
                                             # the collectives a training step runs
-    python -m bench.run --only network      # 2 worker hosts, each link unshaped and at 1 Gbit/s,
-                                            # the all-reduce settings (bench/network.py; root)
+    python -m bench.run --only network      # worker hosts, each link unshaped and at 1 Gbit/s:
+                                            # the all-reduce settings on 2, scaling over 1-3
+                                            # (bench/network.py; root)
     python -m bench.run --check             # exit 1 if a target (TARGETS) is missed
 
 Every measurement runs in a fresh process (bench/programs.py, or the job's own CLI) and every
@@ -28,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.network import network
+from bench.network import network, projection, scaling
 from job import data as D
 from job.driver import RAY_LOGS
 
@@ -237,6 +238,8 @@ def main() -> int:
             results["speed"] = speed(args.source, tmp, subset, full, cores)
         if args.only in (None, "network"):
             results["network"] = network(args.source, tmp)
+            results["network_scaling"] = scaling(args.source, tmp)
+            results["network_projection"] = projection()
     found = figures(results)
     results["targets"] = {name: {"value": found[name], "ceiling": ceiling, "met": found[name] <= ceiling}
                           for name, ceiling in TARGETS if name in found}
