@@ -6,7 +6,8 @@
 
 Runs, on the full data set, 1 GPU worker with the default recipe, with `--fast` (float16, XLA)
 and with `--recipe large-batch`, and with >= 2 GPUs the default recipe on 2 workers (NCCL). Prints
-one table (epoch seconds, test accuracy, optimizer steps) and exits non-zero if any run fails.
+one table (epoch seconds, ms a step, compute ms a step, test accuracy, optimizer steps) and exits
+non-zero if any run fails.
 Each check is new runs (a rerun never resumes or reprints an earlier one): their full output is
 kept in runs/gpu-check/<UTC time>/<name>/.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.network import steady_step  # noqa: E402  (after the path above)
 
 
 def run(check: Path, name: str, data: str, epochs: int, *flags: str) -> dict:
@@ -36,14 +38,10 @@ def run(check: Path, name: str, data: str, epochs: int, *flags: str) -> dict:
     if result.returncode != 0:
         return {"name": name, "error": f"exit status {result.returncode}"}
     metrics = json.loads((out / "metrics.json").read_text())
-    seconds = metrics["epoch_seconds"][1:] or metrics["epoch_seconds"]  # epoch 1 compiles
-    steady = [e for e in metrics["compute_ms_per_step"] if e["epoch"] > 1] or metrics["compute_ms_per_step"]
     # The step's time and its compute apart from the all-reduce: what bench/network.py's
     # projection assumes (GPU_STEP_MS) until a GPU machine has measured it.
-    return {"name": name, "seconds": statistics.median(seconds), "accuracy": metrics["test_accuracy"],
-            "steps": metrics["optimizer_steps"],
-            "step_ms": 1000 * statistics.median(seconds) / metrics["history"][0]["optimizer_steps"],
-            "compute_ms": statistics.mean(ms for e in steady for ms in e["ms"])}
+    return {"name": name, **steady_step(metrics), "accuracy": metrics["test_accuracy"],
+            "steps": metrics["optimizer_steps"]}
 
 
 def main() -> int:
@@ -73,7 +71,7 @@ def main() -> int:
         if "error" in r:
             print(f"| {r['name']} | FAILED: {r['error']} | | | | |")
         else:
-            print(f"| {r['name']} | {r['seconds']:.1f} | {r['step_ms']:.2f} | {r['compute_ms']:.2f} | "
+            print(f"| {r['name']} | {r['epoch_seconds']:.1f} | {r['step_ms']:.2f} | {r['compute_ms']:.2f} | "
                   f"{r['accuracy']:.4f} | {r['steps']} |")
     return 1 if any("error" in r for r in rows) else 0
 

@@ -70,19 +70,27 @@ def hosts(state: str, *args: str, check: bool = True) -> subprocess.CompletedPro
     return r
 
 
+def steady_step(metrics: dict) -> dict:
+    """A run's steady state, from its metrics.json: the median epoch after the first (which
+    traces; the first if it is the only one), steps an epoch, ms a step, and the workers' mean
+    compute ms a step in those epochs."""
+    epoch = statistics.median(metrics["epoch_seconds"][1:] or metrics["epoch_seconds"])
+    compute = ([e for e in metrics["compute_ms_per_step"] if e["epoch"] > 1]
+               or metrics["compute_ms_per_step"])
+    steps = metrics["history"][0]["optimizer_steps"]
+    return {"epoch_seconds": epoch, "steps": steps, "step_ms": 1000 * epoch / steps,
+            "compute_ms": statistics.mean(ms for e in compute for ms in e["ms"])}
+
+
 def job_run(state: str, data: str, tmp: str, name: str, workers: int, epochs: int,
             flags: list[str]) -> dict:
-    """One run of the job from the head host: its steady epoch (the median of epochs 2..), steps
-    an epoch and the workers' mean compute ms a step in those epochs."""
+    """One run of the job from the head host: its steady_step."""
     out = f"{tmp}/{name}"
     hosts(state, "exec", "head", "--", sys.executable, "-m", "job", "train", "--data", data,
           "--ray-address", HEAD, "--num-workers", str(workers), "--epochs", str(epochs),
           "--progress-seconds", "0", "--name", name, "--output", f"{out}/out",
           "--storage-path", f"{out}/ckpt", *flags)
-    metrics = json.loads(Path(out, "out", "metrics.json").read_text())
-    compute = [ms for epoch in metrics["compute_ms_per_step"] if epoch["epoch"] > 1 for ms in epoch["ms"]]
-    return {"epoch_seconds": statistics.median(metrics["epoch_seconds"][1:]),
-            "steps": metrics["history"][0]["optimizer_steps"], "compute_ms": statistics.mean(compute)}
+    return steady_step(json.loads(Path(out, "out", "metrics.json").read_text()))
 
 
 def ring_ms(workers: int, wire_bytes: float, bytes_per_second: float) -> float:
@@ -149,7 +157,7 @@ def scaling(source: str, tmp: str) -> dict:
                 print(f"network scaling: {workers} worker host(s), {rate}", flush=True)
                 run = job_run(state, data, tmp, f"scaling-{workers}-{rate}", workers, SCALING_EPOCHS,
                               ["--batch-size", str(PER_WORKER_BATCH * workers)])
-                step_ms = run["epoch_seconds"] / run["steps"] * 1000
+                step_ms = run["step_ms"]
                 rows.append({"worker hosts": workers, "link": rate,
                              "global batch": PER_WORKER_BATCH * workers,
                              "epoch seconds": run["epoch_seconds"], "steps an epoch": run["steps"],
@@ -173,12 +181,15 @@ def projection(step_ms: float = GPU_STEP_MS) -> list[dict]:
     ring's bytes at the link's rate plus HOP_LATENCY_US a hop, 2 (N - 1) hops. The global batch is
     the recipe's, so each GPU's share shrinks with N; a GPU step of this small CNN is bound by
     kernel launches below ~128 images (GPU_STEP_MS), above by arithmetic (GPU_US_AN_IMAGE)."""
+    def gpu_step_ms(images: float) -> float:
+        return max(step_ms, images * GPU_US_AN_IMAGE / 1000)
+
     rows = []
     for recipe, global_batch in PROJECTED_RECIPES.items():
-        steps = 48_000 // global_batch
-        one_gpu = steps * max(step_ms, global_batch * GPU_US_AN_IMAGE / 1000)
+        steps = 48_000 // global_batch  # the full training split
+        one_gpu = steps * gpu_step_ms(global_batch)
         for gpus, gbit, wire in itertools.product(PROJECTED_GPUS, PROJECTED_GBIT, BYTES_PER_STEP):
-            compute = max(step_ms, global_batch / gpus * GPU_US_AN_IMAGE / 1000)
+            compute = gpu_step_ms(global_batch / gpus)
             comm = (ring_ms(gpus, BYTES_PER_STEP[wire], gbit * 1e9 / 8)
                     + 2 * (gpus - 1) * HOP_LATENCY_US / 1000)
             epoch = steps * (compute + comm)

@@ -127,14 +127,14 @@ def started(pid: int) -> int:
 def training_workers(hosts, driver) -> dict[str, int]:
     """host -> pid of the training worker it runs for this driver (an earlier test's worker
     may still be on its way out)."""
-    found = {}
+    found, since = {}, started(driver.pid)
     for host in ("w1", "w2", "w3"):
         pids = subprocess.run(["ip", "netns", "pids", f"fjt-{host}"], capture_output=True,
                               text=True).stdout.split()
         for pid in pids:
             try:
                 if (Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker")
-                        and started(int(pid)) >= started(driver.pid)):
+                        and started(int(pid)) >= since):
                     found[host] = int(pid)
             except OSError:
                 continue
