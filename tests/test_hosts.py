@@ -224,8 +224,9 @@ def test_a_cut_link_costs_a_restart_and_one_cut_for_good_ends_the_run(hosts, sma
 def test_a_slow_host_is_named_within_the_first_epoch(hosts, tmp_path, source_dir):
     from job.data import prepare_data
 
-    data = str(tmp_path / "data")  # 60 steps an epoch: time for a few step-time reports
-    prepare_data(source_dir, data, num_shards=4, seed=0, limit=4800)
+    data = str(tmp_path / "data")  # 150 steps an epoch: time for a few step-time reports after
+    # the throttle lands (60 steps could end 5 s after the start, before the second report)
+    prepare_data(source_dir, data, num_shards=4, seed=0, limit=12000)
     driver = train(hosts, data, tmp_path, "--epochs", "1", "--progress-seconds", "1")
     # Slow from the first steps on (not while it starts: that only delays the run) until named.
     until(driver, tmp_path, lambda: "] epoch 1/1: " in console(tmp_path), "training")
@@ -233,11 +234,11 @@ def test_a_slow_host_is_named_within_the_first_epoch(hosts, tmp_path, source_dir
     assert len(workers) == 2, workers
     slow = sorted(workers)[0]
     assert hosts_cli(hosts, "throttle", slow, "30").returncode == 0
-    try:
+    try:  # slow to the epoch's end, so its compute ms a step shows it too
         until(driver, tmp_path, lambda: "straggler: " in console(tmp_path), "the straggler line", 120)
+        assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
     finally:
         assert hosts_cli(hosts, "throttle", slow, "100").returncode == 0
-    assert finish(driver, tmp_path) == 0, console(tmp_path)[-3000:]
     lines = console(tmp_path).splitlines()
     named = [i for i, line in enumerate(lines) if "straggler: " in line]
     assert named, console(tmp_path)
