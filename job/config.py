@@ -86,6 +86,9 @@ class JobConfig:
     warmup_epochs: int = setting(1, "linear learning-rate warm-up from 0 over this many epochs")
     adam_beta2: float = setting(0.999, "Adam's second-moment decay; its memory, 1/(1 - beta2) "
                                        "steps, should be well below the run's length")
+    ema_momentum: float = setting(0.0, "keep a moving average of the weights, this much of the old "
+                                       "average each step (0: none); validation, the test and "
+                                       "the exported model use the average")
     flips: bool = setting(False, "train on left-right mirrored images (half, drawn from the seed); "
                                  "validation, test and the exported model average each image's "
                                  "and its mirror's predictions")
@@ -139,6 +142,8 @@ class JobConfig:
               for w in self.world_sizes if w >= 1),
             (self.learning_rate > 0, f"--learning-rate must be > 0 (got {self.learning_rate})"),
             (0 < self.adam_beta2 < 1, f"--adam-beta2 must be in (0, 1) (got {self.adam_beta2})"),
+            (0 <= self.ema_momentum < 1,
+             f"--ema-momentum must be in [0, 1) (got {self.ema_momentum})"),
             (self.steps_per_execution >= 1,
              f"--steps-per-execution must be >= 1 (got {self.steps_per_execution})"),
             (self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})"),
@@ -230,8 +235,8 @@ def fast_path_settings(chosen: dict) -> dict:
 # Settings that define the trained model (and therefore the default run name).
 TRAINING_FIELDS = (
     "data", "model", "epochs", "num_workers", "batch_size", "learning_rate", "lr_schedule",
-    "warmup_epochs", "adam_beta2", "flips", "seed", "use_gpu", "jit_compile", "mixed_precision",
-    "grad_compression",
+    "warmup_epochs", "adam_beta2", "ema_momentum", "flips", "seed", "use_gpu", "jit_compile",
+    "mixed_precision", "grad_compression",
 )
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(JobConfig) if f.name != "extra")
 

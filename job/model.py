@@ -102,11 +102,13 @@ def scored_model(model: keras.Model, flips: bool) -> keras.Model:
 def build_model(name: str, learning_rate: float, steps_per_epoch: int = 0, epochs: int = 0,
                 jit_compile: bool = False, lr_schedule: str = "constant",
                 warmup_epochs: int = 0, steps_per_execution: int = 1, adam_beta2: float = 0.999,
-                sequential=keras.Sequential) -> keras.Model:
+                ema_momentum: float = 0.0, sequential=keras.Sequential) -> keras.Model:
     """Build and compile a model. Given the run's length (steps_per_epoch, epochs), the learning
     rate warms up linearly over `warmup_epochs`, then stays (constant) or decays to 1 % (cosine;
     always for "strong").
 
+    `ema_momentum` > 0: the optimizer keeps a moving average of the trainable weights (its
+    "average" slots, checkpointed with it); `finalize_variable_values` puts it in the model.
     `sequential`: the model class (train.py passes its own, whose steps skip collectives).
     Under a mixed_float16 policy the layers compute in float16; the output layer stays float32
     so the softmax and the loss are computed in full precision.
@@ -120,7 +122,8 @@ def build_model(name: str, learning_rate: float, steps_per_epoch: int = 0, epoch
             alpha=0.01 if cosine else 1.0,
             warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate, beta_2=adam_beta2),
+        optimizer=keras.optimizers.Adam(learning_rate, beta_2=adam_beta2, use_ema=ema_momentum > 0,
+                                        ema_momentum=ema_momentum or 0.99),
         loss="categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=jit_compile,

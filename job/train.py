@@ -172,6 +172,20 @@ class ProgressToDriver(keras.callbacks.Callback):
                                        now - self.started))
 
 
+class ValidateAveragedWeights(keras.callbacks.Callback):
+    """--ema-momentum: validation scores the weights' moving average, as the test and the exported
+    model do (results.load_checkpoint_model), so the checkpoint is chosen by what is tested.
+    Training goes on from its own weights, put back after validation, before the checkpoint."""
+
+    def on_test_begin(self, logs=None):
+        self.trained = [v.numpy() for v in self.model.trainable_variables]
+        self.model.optimizer.finalize_variable_values(self.model.trainable_variables)
+
+    def on_test_end(self, logs=None):
+        for variable, value in zip(self.model.trainable_variables, self.trained, strict=True):
+            variable.assign(value)
+
+
 class SeedRandomLayersEachEpoch(keras.callbacks.Callback):
     """Dropout masks and flips (--model strong) drawn from (seed, epoch, layer) alone.
 
@@ -243,7 +257,7 @@ def train_loop_per_worker(config: dict) -> None:
         with strategy.scope():
             model = build_model(cfg.model, cfg.learning_rate, train_steps, cfg.epochs,
                                 cfg.jit_compile, cfg.lr_schedule, cfg.warmup_epochs,
-                                cfg.steps_per_execution, cfg.adam_beta2,
+                                cfg.steps_per_execution, cfg.adam_beta2, cfg.ema_momentum,
                                 sequential=JobSteps)
             # The step outputs are replica-local (JobSteps): take this worker's first
             # replica's, where tf-keras' "auto" sums them across workers, one collective each.
@@ -263,6 +277,7 @@ def train_loop_per_worker(config: dict) -> None:
         validation_data=val_ds,
         validation_steps=val_steps,
         callbacks=[SeedRandomLayersEachEpoch(cfg.seed),
+                   *([ValidateAveragedWeights()] if cfg.ema_momentum else []),
                    # before ReportEachEpoch, which reports the epoch's compute_ms_per_step
                    *([health.step_timer_callback(progress_queue, rank, compute_seconds)]
                      if progress_queue is not None else []),
