@@ -53,10 +53,12 @@ def load_checkpoint_model(cfg: JobConfig, checkpoint):
     from job.train import WEIGHTS_PREFIX
 
     model = build_model(cfg.model, cfg.learning_rate, ema_momentum=cfg.ema_momentum)
-    model.optimizer.build(model.trainable_variables)  # its slots hold the weights' average
+    parts = {"model": model}
+    if cfg.ema_momentum:  # the weights' average: the optimizer's "average" slots
+        model.optimizer.build(model.trainable_variables)
+        parts["optimizer"] = model.optimizer
     with checkpoint.as_directory() as ckpt_dir:
-        tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(
-            os.path.join(ckpt_dir, WEIGHTS_PREFIX)).expect_partial()
+        tf.train.Checkpoint(**parts).read(os.path.join(ckpt_dir, WEIGHTS_PREFIX)).expect_partial()
     model.optimizer.finalize_variable_values(model.trainable_variables)  # the average, if kept
     return scored_model(model, cfg.flips)
 

@@ -93,30 +93,57 @@ def test_progress_lines_inside_each_epoch_off_a_terminal(finished_run):
                                               before[0]), lines
 
 
-def test_epoch_metrics_are_those_of_all_workers(finished_run, small_data):
-    # Steps report their own replica's metrics; the epoch's figures must still be the all-worker
-    # ones: the validation loss and accuracy recomputed from the checkpoint's weights over every
-    # partition's validation batches (stored order, whole micro-batches) match what was logged.
+def validation_scores(model, data: str) -> tuple[float, float]:
+    """(accuracy, loss) of `model` over every partition's validation batches, as fit's
+    validation reads them (stored order, whole micro-batches of the global batch 64)."""
     import numpy as np
-    import ray.train
 
-    from job.config import JobConfig
-    from job.results import load_checkpoint_model
-
-    tmp, _ = finished_run
-    metrics = metrics_of(tmp)
-    logged = metrics["history"][metrics["best_epoch"] - 1]
-    model = load_checkpoint_model(JobConfig(data=small_data),
-                                  ray.train.Checkpoint.from_directory(metrics["checkpoint"]))
-    parts = D.read_partitions(small_data, "val")
+    parts = D.read_partitions(data, "val")
     micro = 64 // len(parts)
     steps = min(len(labels) for _, labels in parts.values()) // micro
     images = np.concatenate([im[: steps * micro] for im, _ in parts.values()]) / np.float32(255)
     labels = np.concatenate([lab[: steps * micro] for _, lab in parts.values()])
     probs = model.predict(images, verbose=0)
     loss = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)).mean()
-    assert (probs.argmax(1) == labels).mean() == pytest.approx(logged["val_accuracy"], abs=1e-6)
+    return (probs.argmax(1) == labels).mean(), loss
+
+
+def checkpoint_model(metrics: dict, **settings):
+    """The model of the run's best checkpoint, as the driver loads it for the test."""
+    import ray.train
+
+    from job.config import JobConfig
+    from job.results import load_checkpoint_model
+
+    return load_checkpoint_model(JobConfig(**settings),
+                                 ray.train.Checkpoint.from_directory(metrics["checkpoint"]))
+
+
+def test_epoch_metrics_are_those_of_all_workers(finished_run, small_data):
+    # Steps report their own replica's metrics; the epoch's figures must still be the all-worker
+    # ones: the validation loss and accuracy recomputed from the checkpoint's weights over every
+    # partition's validation batches match what was logged.
+    tmp, _ = finished_run
+    metrics = metrics_of(tmp)
+    logged = metrics["history"][metrics["best_epoch"] - 1]
+    accuracy, loss = validation_scores(checkpoint_model(metrics, data=small_data), small_data)
+    assert accuracy == pytest.approx(logged["val_accuracy"], abs=1e-6)
     assert loss == pytest.approx(logged["val_loss"], rel=1e-4)
+
+
+def test_validation_and_test_score_the_weights_moving_average(small_data, tmp_path):
+    # --ema-momentum: the checkpoint keeps the trained weights (training resumes from them) and
+    # their average; validation chose the checkpoint by the average, the test scored it.
+    r = run_cli(*train_args(small_data, tmp_path, "--epochs", "2", "--num-workers", "2",
+                            "--ema-momentum", "0.9"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = metrics_of(tmp_path)
+    logged = metrics["history"][metrics["best_epoch"] - 1]
+    averaged = validation_scores(checkpoint_model(metrics, data=small_data, ema_momentum=0.9),
+                                 small_data)
+    trained = validation_scores(checkpoint_model(metrics, data=small_data), small_data)
+    assert averaged == pytest.approx((logged["val_accuracy"], logged["val_loss"]), rel=1e-4)
+    assert trained[1] != pytest.approx(logged["val_loss"], rel=1e-3)
 
 
 def test_per_class_accuracy_and_confusion_matrix_add_up(finished_run):
