@@ -20,6 +20,7 @@ step; `projection` carries the measured split to 8 and 64 GPUs (docs/benchmarks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -34,7 +35,6 @@ from job import data as D
 REPO = Path(__file__).resolve().parent.parent
 HOSTS_ENV = {"HOSTS_PREFIX": "fjbn", "HOSTS_SUBNET": "10.251.9"}  # not a user's hosts cluster
 HEAD = f"{HOSTS_ENV['HOSTS_SUBNET']}.1:6379"
-WORKER_HOSTS = ("w1", "w2")
 RATES = {"unshaped": "0", "1gbit": "1gbit"}
 RATE_BYTES_PER_SECOND = {"1gbit": 1e9 / 8}
 SETTINGS = {  # name: job flags
@@ -68,6 +68,25 @@ def hosts(state: str, *args: str, check: bool = True) -> subprocess.CompletedPro
     if check and r.returncode != 0:
         raise SystemExit(f"error: cluster.hosts {' '.join(args)}: {r.stderr.strip()}")
     return r
+
+
+@contextlib.contextmanager
+def worker_hosts(state: str, count: int, cpu_percent: int = 0):
+    """`count` worker hosts (w1, w2, ...) beside the head, each throttled to `cpu_percent` of a
+    core if given; yields a function that shapes every worker's link to a `tc` rate ("0": none)."""
+    names = [f"w{i}" for i in range(1, count + 1)]
+    hosts(state, "up", str(count))
+    try:
+        for host in names if cpu_percent else ():
+            hosts(state, "throttle", host, str(cpu_percent))
+
+        def shape_links(tc_rate: str) -> None:
+            for host in names:
+                hosts(state, "shape", host, tc_rate)
+
+        yield shape_links
+    finally:
+        hosts(state, "down", check=False)
 
 
 def steady_step(metrics: dict) -> dict:
@@ -104,19 +123,15 @@ def network(source: str, tmp: str, rounds: int = 1) -> dict:
     data = f"{tmp}/network-data"
     D.prepare_data(source, data, limit=TRAIN_IMAGES_LIMIT)
     state = f"{tmp}/network-hosts"
-    hosts(state, "up", str(len(WORKER_HOSTS)))
     runs: dict[str, dict[str, list[dict]]] = {r: {s: [] for s in SETTINGS} for r in RATES}
-    try:
+    with worker_hosts(state, 2) as shape_links:
         for round_ in range(rounds):  # interleaved: the machine's load moves
             for rate, tc_rate in RATES.items():
-                for host in WORKER_HOSTS:
-                    hosts(state, "shape", host, tc_rate)
+                shape_links(tc_rate)
                 for setting, flags in SETTINGS.items():
                     print(f"network: {setting}, {rate}, round {round_ + 1}", flush=True)
                     runs[rate][setting].append(
                         job_run(state, data, tmp, f"{setting}-{rate}-{round_}", 2, EPOCHS, flags))
-    finally:
-        hosts(state, "down", check=False)
     table = {}
     for setting in SETTINGS:
         seconds = {rate: min(r["epoch_seconds"] for r in runs[rate][setting]) for rate in RATES}
@@ -144,15 +159,10 @@ def scaling(source: str, tmp: str) -> dict:
     data = f"{tmp}/scaling-data"  # 6 shards: any of 1, 2, 3 workers reads its own
     D.prepare_data(source, data, num_shards=6, limit=SCALING_TRAIN_IMAGES_LIMIT)
     state = f"{tmp}/scaling-hosts"
-    hosts(state, "up", str(max(SCALING_WORKERS)))
-    names = [f"w{i}" for i in range(1, max(SCALING_WORKERS) + 1)]
     rows = []
-    try:
-        for host in names:
-            hosts(state, "throttle", host, str(SCALING_CPU_PERCENT))
+    with worker_hosts(state, max(SCALING_WORKERS), SCALING_CPU_PERCENT) as shape_links:
         for rate, tc_rate in RATES.items():
-            for host in names:
-                hosts(state, "shape", host, tc_rate)
+            shape_links(tc_rate)
             for workers in SCALING_WORKERS:
                 print(f"network scaling: {workers} worker host(s), {rate}", flush=True)
                 run = job_run(state, data, tmp, f"scaling-{workers}-{rate}", workers, SCALING_EPOCHS,
@@ -167,8 +177,6 @@ def scaling(source: str, tmp: str) -> dict:
                                  workers, BYTES_PER_STEP["float32"],
                                  RATE_BYTES_PER_SECOND.get(rate, float("inf"))),
                              "images a second": PER_WORKER_BATCH * workers / step_ms * 1000})
-    finally:
-        hosts(state, "down", check=False)
     for row in rows:
         one = next(r for r in rows if r["link"] == row["link"] and r["worker hosts"] == 1)
         row["scaling efficiency"] = row["images a second"] / (row["worker hosts"] * one["images a second"])
