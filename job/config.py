@@ -17,7 +17,8 @@ from pathlib import Path
 
 MODEL_NAMES = ("seed", "strong")
 LR_SCHEDULES = ("constant", "cosine")
-GRAD_COMPRESSIONS = ("none", "fp16", "bf16")
+# --grad-compression: the type the gradients cross the network in (None: their own, float32).
+GRAD_COMPRESSIONS = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
 # Named recipes: presets between the defaults and the user's own values (docs/recipes.md has
 # what each scores over seeds; `make seeds RECIPE=...` measures one). "large-batch": few, large
 # optimizer steps (GPU time per epoch is about proportional to steps); `--fast --use-gpu` uses it.
@@ -168,7 +169,7 @@ class JobConfig:
             (self.max_regression >= 0, f"--max-regression must be >= 0 (got {self.max_regression})"),
             (self.model in MODEL_NAMES, f"--model must be one of {MODEL_NAMES} (got {self.model!r})"),
             (self.grad_compression in GRAD_COMPRESSIONS,
-             f"--grad-compression must be one of {GRAD_COMPRESSIONS} (got {self.grad_compression!r})"),
+             f"--grad-compression must be one of {tuple(GRAD_COMPRESSIONS)} (got {self.grad_compression!r})"),
             (self.all_reduce_pack_mb >= 0,
              f"--all-reduce-pack-mb must be >= 0 (got {self.all_reduce_pack_mb})"),
             (self.lr_schedule in LR_SCHEDULES,

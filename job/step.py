@@ -8,10 +8,8 @@ from __future__ import annotations
 import tensorflow as tf
 import tf_keras as keras
 
+from job.config import GRAD_COMPRESSIONS
 from job.model import mirror_averaged
-
-# --grad-compression: the type the gradients cross the network in (None: their own, float32).
-WIRE_DTYPES = {"none": None, "fp16": tf.float16, "bf16": tf.bfloat16}
 
 
 class JobSteps(keras.Sequential):
@@ -34,7 +32,7 @@ class JobSteps(keras.Sequential):
 
     scores_mirror_averaged = False  # --flips: validation scores as the test and export do
     compute_seconds = None  # a local float64 variable: this worker's compute time (job/health.py)
-    wire_dtype = None  # see WIRE_DTYPES
+    wire_dtype = None  # --grad-compression's type (config.GRAD_COMPRESSIONS)
     all_reduce_options = None  # CommunicationOptions with --all-reduce-pack-mb's bytes_per_pack
 
     @tf.__internal__.tracking.no_automatic_dependency_tracking
@@ -42,7 +40,7 @@ class JobSteps(keras.Sequential):
                         all_reduce_pack_mb: float = 0.0) -> None:
         """Not tracked: none of this is part of the checkpoint."""
         self.compute_seconds = compute_seconds
-        self.wire_dtype = WIRE_DTYPES[grad_compression]
+        self.wire_dtype = GRAD_COMPRESSIONS[grad_compression]
         self.all_reduce_options = tf.distribute.experimental.CommunicationOptions(
             bytes_per_pack=int(all_reduce_pack_mb * 2**20))
 
