@@ -198,6 +198,11 @@ def down() -> None:
                                  f"kernel?); run `down` again once they have") from None
     sh("ip", "link", "del", bridge(), check=False)
     shutil.rmtree(STATE, ignore_errors=True)
+    # `ray start --head` made the head this machine's default cluster (Ray's own `ray stop`
+    # forgets it): `ray status` or ray.init() without an address would try the gone head.
+    default_cluster = Path("/tmp/ray/ray_current_cluster")
+    if default_cluster.exists() and default_cluster.read_text().strip() == f"{address('head')}:{GCS_PORT}":
+        default_cluster.unlink()
     print(f"hosts cluster down ({len(names)} host(s))")
 
 
