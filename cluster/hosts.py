@@ -200,9 +200,11 @@ def down() -> None:
     shutil.rmtree(STATE, ignore_errors=True)
     # `ray start --head` made the head this machine's default cluster (Ray's own `ray stop`
     # forgets it): `ray status` or ray.init() without an address would try the gone head.
-    default_cluster = Path("/tmp/ray/ray_current_cluster")
+    from ray._common.utils import get_ray_address_file, reset_ray_address
+
+    default_cluster = Path(get_ray_address_file(None))  # Ray's temp dir: $RAY_TMPDIR or /tmp/ray
     if default_cluster.exists() and default_cluster.read_text().strip() == f"{address('head')}:{GCS_PORT}":
-        default_cluster.unlink()
+        reset_ray_address()
     print(f"hosts cluster down ({len(names)} host(s))")
 
 
