@@ -125,7 +125,7 @@ def build_model(name: str, learning_rate: float, steps_per_epoch: int = 0, epoch
             warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate, beta_2=adam_beta2, use_ema=ema_momentum > 0,
-                                        ema_momentum=ema_momentum or 0.99),
+                                        ema_momentum=ema_momentum),
         loss="categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=jit_compile,
