@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -149,10 +151,17 @@ def failure_lines(tmp) -> list[str]:
     return [line for line in console(tmp).splitlines() if "worker group failed: " in line]
 
 
-def test_the_cluster_needs_root_and_its_hosts_have_their_own_addresses(hosts, tmp_path):
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        sys.executable, "-m", "cluster.hosts", "up"], cwd=REPO, capture_output=True,
-                       text=True, timeout=60)
+def test_the_cluster_needs_root_and_its_hosts_have_their_own_addresses(hosts):
+    # The user nobody runs its own copy (this clone may sit in a directory only root can read)
+    # with the system's Python: the check comes before anything beyond the standard library.
+    with tempfile.TemporaryDirectory() as checkout:
+        os.chmod(checkout, 0o755)
+        for package in ("cluster", "job"):
+            shutil.copytree(Path(REPO, package), Path(checkout, package),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            os.path.realpath(sys.executable), "-m", "cluster.hosts", "up"],
+                           cwd=checkout, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: the hosts cluster needs root (network namespaces, a bridge, cgroups)"]
     assert json.loads((hosts / "hosts.json").read_text()) == {
