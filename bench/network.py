@@ -4,7 +4,9 @@ namespaces), each host's link unshaped and shaped to 1 Gbit/s (tc tbf). Needs ro
 - settings: 2 hosts of 1 CPU, the gradients' all-reduce as today (one float32 pack after the
   backward pass), in packs that start during it (--all-reduce-pack-mb), in 16 bits
   (--grad-compression fp16), and both; 24,000 training images (375 steps of 64), the median of
-  epochs 2..3 (the first traces).
+  epochs 2..3 (the first traces). Beside them, at each rate, the step's profile: the link's own
+  time for the ring's bytes (plain TCP), TensorFlow's all-reduce of the gradients alone, and the
+  job's step on 2 MWMS workers without Ray (bench/programs.py), float32 and fp16.
 - scaling: 1, 2 and 3 hosts at 60 % of a core each (3 fit this machine's 2 cores beside the
   driver), 48 images a worker a step (as GPUs keep theirs: the global batch grows), 12,000
   training images, epoch 2: per step, the workers' own compute and the rest (the all-reduce and
@@ -43,8 +45,10 @@ SETTINGS = {  # name: job flags
     "fp16_one_pack": ["--grad-compression", "fp16", "--all-reduce-pack-mb", "0"],
     "fp16_packs": ["--grad-compression", "fp16", "--all-reduce-pack-mb", "1"],
 }
-BYTES_PER_STEP = {"float32": 841_546 * 4, "fp16": 841_546 * 2}  # the seed model's gradients
+WIRE_BYTES = {"float32": 4, "fp16": 2}  # a gradient element on the wire
+PROFILE_PORT = 7300  # the profile's 2 workers (no Ray) on w1 and w2
 EPOCHS = 3
+FULL_TRAIN_IMAGES = 48_000  # the official 60,000 less the 12,000 validation images
 TRAIN_IMAGES_LIMIT = 30_000  # official images: 24,000 train / 6,000 val
 SCALING_WORKERS = (1, 2, 3)
 SCALING_CPU_PERCENT = 60
@@ -98,7 +102,8 @@ def steady_step(metrics: dict) -> dict:
                or metrics["compute_ms_per_step"])
     steps = metrics["history"][0]["optimizer_steps"]
     return {"epoch_seconds": epoch, "steps": steps, "step_ms": 1000 * epoch / steps,
-            "compute_ms": statistics.mean(ms for e in compute for ms in e["ms"])}
+            "compute_ms": statistics.mean(ms for e in compute for ms in e["ms"]),
+            "parameters": metrics["params"]}
 
 
 def job_run(state: str, data: str, tmp: str, name: str, workers: int, epochs: int,
@@ -117,26 +122,61 @@ def ring_ms(workers: int, wire_bytes: float, bytes_per_second: float) -> float:
     return 2 * (workers - 1) / workers * wire_bytes / bytes_per_second * 1000
 
 
+def on_two_hosts(state: str, name: str, **kwargs) -> list[dict]:
+    """A bench program (bench/programs.py) on w1 and w2 at once, as ranks 0 and 1 of `peers`."""
+    peers = [f"{HOSTS_ENV['HOSTS_SUBNET']}.{11 + rank}:{PROFILE_PORT}" for rank in (0, 1)]
+    env = {**os.environ, **HOSTS_ENV, "HOSTS_DIR": state}
+    ranks = [subprocess.Popen(
+        [sys.executable, "-m", "cluster.hosts", "exec", f"w{rank + 1}", "--", sys.executable, "-m",
+         "bench.programs", name, json.dumps({"rank": rank, "peers": peers, **kwargs})],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [rank.communicate() for rank in ranks]
+    for rank, (_, err) in zip(ranks, outputs, strict=True):
+        if rank.returncode != 0:
+            raise SystemExit(f"error: bench.programs {name} on 2 hosts: {err.strip()[-2000:]}")
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+
+def profile(state: str, data: str, steps: int) -> dict:
+    """Where a 2-worker step's time goes, per wire type: the link's own time for the ring's
+    bytes (plain TCP), TensorFlow's all-reduce of the gradients alone, and the job's step without
+    Ray (bench/programs.py); the slower rank's figure of each."""
+    found = {}
+    for wire, compression in (("float32", "none"), ("fp16", "fp16")):
+        step = on_two_hosts(state, "mwms-step", data=data, grad_compression=compression, steps=steps)
+        found["parameters"] = step[0]["parameters"]
+        link = on_two_hosts(state, "link-exchange", nbytes=found["parameters"] * WIRE_BYTES[wire])
+        found[wire] = {"link ms": max(r["ms"] for r in link),
+                       "all-reduce alone ms": max(r["all_reduce_ms"] for r in step),
+                       "step without Ray ms": max(r["step_ms"] for r in step)}
+    return found
+
+
 def network(source: str, tmp: str, rounds: int = 1) -> dict:
     if os.geteuid() != 0:
         return {"skipped": "needs root (network namespaces)"}
     data = f"{tmp}/network-data"
     D.prepare_data(source, data, limit=TRAIN_IMAGES_LIMIT)
+    train_images = TRAIN_IMAGES_LIMIT * 4 // 5
     state = f"{tmp}/network-hosts"
     runs: dict[str, dict[str, list[dict]]] = {r: {s: [] for s in SETTINGS} for r in RATES}
+    profiles: dict[str, list[dict]] = {r: [] for r in RATES}
     with worker_hosts(state, 2) as shape_links:
         for round_ in range(rounds):  # interleaved: the machine's load moves
             for rate, tc_rate in RATES.items():
                 shape_links(tc_rate)
+                print(f"network: the step's profile, {rate}, round {round_ + 1}", flush=True)
+                profiles[rate].append(profile(state, data, train_images // 64))
                 for setting, flags in SETTINGS.items():
                     print(f"network: {setting}, {rate}, round {round_ + 1}", flush=True)
                     runs[rate][setting].append(
                         job_run(state, data, tmp, f"{setting}-{rate}-{round_}", 2, EPOCHS, flags))
+    parameters = profiles["unshaped"][0]["parameters"]
     table = {}
     for setting in SETTINGS:
         seconds = {rate: min(r["epoch_seconds"] for r in runs[rate][setting]) for rate in RATES}
         steps = runs["unshaped"][setting][0]["steps"]
-        wire = BYTES_PER_STEP["fp16" if setting.startswith("fp16") else "float32"]
+        wire = parameters * WIRE_BYTES["fp16" if setting.startswith("fp16") else "float32"]
         table[setting] = {
             **{f"epoch_seconds_{rate}": s for rate, s in seconds.items()},
             "1gbit / unshaped": seconds["1gbit"] / seconds["unshaped"],
@@ -148,8 +188,27 @@ def network(source: str, tmp: str, rounds: int = 1) -> dict:
     base = table["float32_one_pack"]["epoch_seconds_1gbit"]
     for row in table.values():
         row["1gbit epoch / float32_one_pack's"] = row["epoch_seconds_1gbit"] / base
-    return {"train_images": 24_000, "steps_an_epoch": runs["unshaped"]["float32_one_pack"][0]["steps"],
-            "settings": SETTINGS, "table": table}
+    return {"train_images": train_images, "steps_an_epoch": runs["unshaped"]["float32_one_pack"][0]["steps"],
+            "parameters": parameters, "settings": SETTINGS, "table": table,
+            "step_profile": step_profile(profiles, runs, parameters)}
+
+
+def step_profile(profiles: dict[str, list[dict]], runs: dict[str, dict[str, list[dict]]],
+                 parameters: int) -> dict:
+    """Each part of a step at each rate (the fastest round) and what the 1 Gbit/s link adds to it;
+    the job's own step and compute (its straggler watch's clock) from its one-pack runs."""
+    found = {}
+    for wire, setting in (("float32", "float32_one_pack"), ("fp16", "fp16_one_pack")):
+        rows = {}
+        for rate in RATES:
+            parts = {part: min(p[wire][part] for p in profiles[rate]) for part in profiles[rate][0][wire]}
+            job = min(runs[rate][setting], key=lambda r: r["step_ms"])
+            rows[rate] = {**parts, "job step ms": job["step_ms"], "job compute ms": job["compute_ms"]}
+        rows["added by 1gbit"] = {part: ms - rows["unshaped"][part] for part, ms in rows["1gbit"].items()}
+        rows["ring model at 1gbit ms"] = ring_ms(2, parameters * WIRE_BYTES[wire],
+                                                 RATE_BYTES_PER_SECOND["1gbit"])
+        found[wire] = rows
+    return found
 
 
 def scaling(source: str, tmp: str) -> dict:
@@ -174,7 +233,7 @@ def scaling(source: str, tmp: str) -> dict:
                              "step ms": step_ms, "compute ms a step": run["compute_ms"],
                              "the rest ms a step": step_ms - run["compute_ms"],
                              "ring all-reduce ms a step (model)": ring_ms(
-                                 workers, BYTES_PER_STEP["float32"],
+                                 workers, run["parameters"] * WIRE_BYTES["float32"],
                                  RATE_BYTES_PER_SECOND.get(rate, float("inf"))),
                              "images a second": PER_WORKER_BATCH * workers / step_ms * 1000})
     for row in rows:
@@ -184,7 +243,7 @@ def scaling(source: str, tmp: str) -> dict:
             "rows": rows}
 
 
-def projection(step_ms: float = GPU_STEP_MS) -> list[dict]:
+def projection(parameters: int, step_ms: float = GPU_STEP_MS) -> list[dict]:
     """Epoch time on N GPUs against one, the model's all-reduce not overlapped (today's step): a
     ring's bytes at the link's rate plus HOP_LATENCY_US a hop, 2 (N - 1) hops. The global batch is
     the recipe's, so each GPU's share shrinks with N; a GPU step of this small CNN is bound by
@@ -194,11 +253,11 @@ def projection(step_ms: float = GPU_STEP_MS) -> list[dict]:
 
     rows = []
     for recipe, global_batch in PROJECTED_RECIPES.items():
-        steps = 48_000 // global_batch  # the full training split
+        steps = FULL_TRAIN_IMAGES // global_batch
         one_gpu = steps * gpu_step_ms(global_batch)
-        for gpus, gbit, wire in itertools.product(PROJECTED_GPUS, PROJECTED_GBIT, BYTES_PER_STEP):
+        for gpus, gbit, wire in itertools.product(PROJECTED_GPUS, PROJECTED_GBIT, WIRE_BYTES):
             compute = gpu_step_ms(global_batch / gpus)
-            comm = (ring_ms(gpus, BYTES_PER_STEP[wire], gbit * 1e9 / 8)
+            comm = (ring_ms(gpus, parameters * WIRE_BYTES[wire], gbit * 1e9 / 8)
                     + 2 * (gpus - 1) * HOP_LATENCY_US / 1000)
             epoch = steps * (compute + comm)
             rows.append({"recipe": recipe, "GPUs": gpus, "Gbit/s": gbit, "all-reduce": wire,
@@ -214,8 +273,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        print(json.dumps({"settings": network(args.source, tmp, args.rounds),
-                          "scaling": scaling(args.source, tmp), "projection": projection()}, indent=1))
+        settings = network(args.source, tmp, args.rounds)
+        print(json.dumps({"settings": settings, "scaling": scaling(args.source, tmp),
+                          "projection": projection(settings["parameters"]) if "parameters" in settings
+                          else settings}, indent=1))
     return 0
 
 

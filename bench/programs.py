@@ -126,8 +126,93 @@ def step_timing(data: str, threads: int, rounds: int = 3) -> dict:
     return {name: [s for i, s in enumerate(times) if i % 2] for name, times in seconds.items()}
 
 
+def link_exchange(rank: int, peers: list[str], nbytes: int, rounds: int = 40) -> dict:
+    """The link's own time for a 2-worker ring all-reduce's traffic: both hosts send `nbytes` to
+    each other at once over one TCP connection (plain sockets, no TensorFlow); the median ms."""
+    import socket
+    import threading
+
+    host, port = peers[1].rsplit(":", 1)
+    if rank == 1:
+        with socket.create_server(("", int(port))) as server:
+            conn, _ = server.accept()
+    else:
+        conn = _connect((host, int(port)))
+    payload, times = bytes(nbytes), []
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(rounds):
+            conn.sendall(b"."), conn.recv(1)  # both start together
+            started = time.perf_counter()
+            sender = threading.Thread(target=conn.sendall, args=(payload,))
+            sender.start()
+            received = 0
+            while received < nbytes:  # exactly the payload: the next round's byte may follow
+                chunk = conn.recv(min(1 << 20, nbytes - received))
+                if not chunk:
+                    raise ConnectionError("the peer closed the link exchange")
+                received += len(chunk)
+            sender.join()
+            times.append((time.perf_counter() - started) * 1000)
+    return {"ms": float(np.median(times))}
+
+
+def _connect(address: tuple[str, int], timeout: float = 60):
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection(address)
+        except ConnectionRefusedError:  # the peer is not listening yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def mwms_step(rank: int, peers: list[str], data: str, grad_compression: str, steps: int,
+              batch_size: int = 64, rounds: int = 40) -> dict:
+    """The job's step on 2 MWMS workers without Ray (TF_CONFIG, one thread each, as on a host of
+    1 CPU), on this rank's half of the training images: the gradients' all-reduce alone (the
+    step's own `all_reduced`, no compute; median ms of `rounds`), then training steps (the
+    median ms a step of epochs 2..3 of `steps` steps, 8 steps a call as the job runs them)."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from job.model import build_model
+    from job.step import JobSteps
+
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": peers},
+                                          "task": {"type": "worker", "index": rank}})
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = build_model("seed", 1e-3, steps_per_execution=8, sequential=JobSteps)
+        model.configure_steps(grad_compression=grad_compression)
+    grads_and_vars = [(tf.ones_like(v), v) for v in model.trainable_variables]
+    all_reduce = tf.function(lambda: strategy.run(model.all_reduced, args=(grads_and_vars,)))
+    all_reduce(), all_reduce()  # traces, connects
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        tf.nest.map_structure(lambda t: t.numpy(), all_reduce())
+        times.append((time.perf_counter() - started) * 1000)
+    images, labels = D.read_split(data, "train", rank=rank, world=len(peers))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    batches = (tf.data.Dataset.from_tensor_slices((images.astype(np.float32) / 255.0,
+                                                   np.eye(D.NUM_CLASSES, dtype=np.float32)[labels]))
+               .repeat().batch(batch_size // len(peers)).with_options(options))
+    seconds: list[float] = []
+    model.fit(batches, steps_per_epoch=steps, epochs=3, verbose=0, callbacks=[epoch_timer(keras, seconds)])
+    return {"parameters": model.count_params(), "all_reduce_ms": float(np.median(times)),
+            "step_ms": float(np.median(seconds[1:])) / steps * 1000}
+
+
 PROGRAMS = {"plain-keras": plain_keras, "ray-start": ray_start, "test-curve": test_curve,
-            "step-timing": step_timing}
+            "step-timing": step_timing, "link-exchange": link_exchange, "mwms-step": mwms_step}
 
 if __name__ == "__main__":
     name, kwargs = sys.argv[1], json.loads(sys.argv[2] if len(sys.argv) > 2 else "{}")

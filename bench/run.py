@@ -239,7 +239,8 @@ def main() -> int:
         if args.only in (None, "network"):
             results["network"] = network(args.source, tmp)
             results["network_scaling"] = scaling(args.source, tmp)
-            results["network_projection"] = projection()
+            if "parameters" in results["network"]:  # not when skipped
+                results["network_projection"] = projection(results["network"]["parameters"])
     found = figures(results)
     results["targets"] = {name: {"value": found[name], "ceiling": ceiling, "met": found[name] <= ceiling}
                           for name, ceiling in TARGETS if name in found}
