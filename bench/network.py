@@ -15,7 +15,7 @@ namespaces), each host's link unshaped and shaped to 1 Gbit/s (tc tbf). Needs ro
 Beside each, the ring all-reduce's own time at the link's rate, 2 (N - 1) / N x bytes / rate, a
 step; `projection` carries the measured split to 8 and 64 GPUs (docs/benchmarks.md).
 
-    python -m bench.network                 # ~35 min on 2 cores
+    python -m bench.network                 # 15-35 min on 2 cores
     python -m bench.network --rounds 2      # each setting twice, interleaved
 """
 
