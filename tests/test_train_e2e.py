@@ -20,6 +20,7 @@ from tests.conftest import (
     INTERRUPTED_EPOCHS,
     REPO,
     error_line,
+    interrupted_run_args,
     metrics_of,
     run_cli,
     same_model,
@@ -131,13 +132,19 @@ def test_epoch_metrics_are_those_of_all_workers(finished_run, small_data):
     assert loss == pytest.approx(logged["val_loss"], rel=1e-4)
 
 
-def test_validation_and_test_score_the_weights_moving_average(small_data, tmp_path):
+@pytest.fixture(scope="module")
+def ema_run(small_data, tmp_path_factory) -> dict:
+    """metrics.json of an --ema-momentum run with the interrupted runs' settings, uninterrupted."""
+    tmp = tmp_path_factory.mktemp("ema")
+    r = run_cli(*interrupted_run_args(small_data, tmp, "--ema-momentum", "0.9"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return metrics_of(tmp)
+
+
+def test_validation_and_test_score_the_weights_moving_average(ema_run, small_data):
     # --ema-momentum: the checkpoint keeps the trained weights (training resumes from them) and
     # their average; validation chose the checkpoint by the average, the test scored it.
-    r = run_cli(*train_args(small_data, tmp_path, "--epochs", "2", "--num-workers", "2",
-                            "--ema-momentum", "0.9"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    metrics = metrics_of(tmp_path)
+    metrics = ema_run
     logged = metrics["history"][metrics["best_epoch"] - 1]
     averaged = validation_scores(checkpoint_model(metrics, data=small_data, ema_momentum=0.9),
                                  small_data)
@@ -273,18 +280,28 @@ def staging(tmp: Path) -> list[str]:
     return [p.name for p in tmp.glob("out.staging-*")]
 
 
-def test_interrupted_run_resumes_a_second_driver_is_refused_and_output_is_never_half_written(
-        small_data, uninterrupted_run, tmp_path):
-    args = train_args(small_data, tmp_path, "--epochs", str(INTERRUPTED_EPOCHS), "--name", "resume-me")
-    run_dir = tmp_path / "ckpt" / "resume-me"
-    # Start a run, and kill it (driver, local Ray and workers) once Ray has registered the
-    # checkpoint of epoch 1 (its snapshot file): a checkpoint dir alone may not be registered yet.
+def running_until_its_first_checkpoint(args: list[str], run_dir: Path) -> subprocess.Popen:
+    """`python -m job ARGS`, running, once Ray has registered the checkpoint of epoch 1 (its
+    snapshot file): a checkpoint dir alone may not be registered yet."""
     proc = subprocess.Popen([sys.executable, "-m", "job", *args], cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not (run_dir / "checkpoint_manager_snapshot.json").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.5)
+    return proc
+
+
+def kill(driver: subprocess.Popen) -> None:
+    """The driver, its local Ray and its workers, at once."""
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+
+def test_interrupted_run_resumes_a_second_driver_is_refused_and_output_is_never_half_written(
+        small_data, uninterrupted_run, tmp_path):
+    args = train_args(small_data, tmp_path, "--epochs", str(INTERRUPTED_EPOCHS), "--name", "resume-me")
+    proc = running_until_its_first_checkpoint(args, tmp_path / "ckpt" / "resume-me")
     # A second driver of the same run, while the first is alive, is refused at once.
     second = run_cli(*args, timeout=60)
     assert second.returncode == 2 and proc.poll() is None
@@ -292,16 +309,14 @@ def test_interrupted_run_resumes_a_second_driver_is_refused_and_output_is_never_
                         rf"on host {re.escape(socket.gethostname())} since \S+Z \(lock "
                         rf"{re.escape(str(tmp_path / 'ckpt' / '.resume-me.lock'))}\); not starting a "
                         rf"second training of it", error_line(second)), error_line(second)
-    os.killpg(proc.pid, signal.SIGKILL)  # a driver that dies holds no lock: the rerun resumes
-    proc.wait()
+    kill(proc)  # a driver that dies holds no lock: the rerun resumes
     assert not (tmp_path / "out").exists()
 
     # The rerun resumes and trains to the end; its driver is killed while it writes OUTPUT.
     proc = subprocess.Popen([sys.executable, "-m", "job", *args], cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: staging(tmp_path) or proc.poll() is not None, "OUTPUT's staging dir", 400)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill(proc)
     assert staging(tmp_path), "the driver ended before writing OUTPUT"
     assert not (tmp_path / "out").exists()  # OUTPUT is never half-written: it is not there at all
 
@@ -315,6 +330,18 @@ def test_interrupted_run_resumes_a_second_driver_is_refused_and_output_is_never_
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
     # Deterministic resumption: the model is the one the uninterrupted run trained.
     assert same_model(metrics, uninterrupted_run)
+
+
+def test_a_killed_run_resumes_the_weights_moving_average_too(ema_run, small_data, tmp_path):
+    # The checkpoint carries the average beside the weights and Adam's slots: a run killed after
+    # epoch 1 and started again ends with the uninterrupted run's model, average included.
+    args = interrupted_run_args(small_data, tmp_path, "--ema-momentum", "0.9", "--name", "ema")
+    kill(running_until_its_first_checkpoint(args, tmp_path / "ckpt" / "ema"))
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = metrics_of(tmp_path)
+    assert 1 <= metrics["resumed_from_epochs"][0] < INTERRUPTED_EPOCHS, metrics["resumed_from_epochs"]
+    assert same_model(metrics, ema_run)
 
 
 def test_one_worker_trains_what_two_workers_train(finished_run, small_data, tmp_path):
