@@ -142,7 +142,8 @@ def link_exchange(rank: int, peers: list[str], nbytes: int, rounds: int = 40) ->
     with conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for _ in range(rounds):
-            conn.sendall(b"."), conn.recv(1)  # both start together
+            conn.sendall(b".")  # a byte each way: both start together
+            conn.recv(1)
             started = time.perf_counter()
             sender = threading.Thread(target=conn.sendall, args=(payload,))
             sender.start()
@@ -158,6 +159,7 @@ def link_exchange(rank: int, peers: list[str], nbytes: int, rounds: int = 40) ->
 
 
 def _connect(address: tuple[str, int], timeout: float = 60):
+    """A TCP connection to a peer that may not be listening yet."""
     import socket
 
     deadline = time.monotonic() + timeout
@@ -193,7 +195,8 @@ def mwms_step(rank: int, peers: list[str], data: str, grad_compression: str, ste
         model.configure_steps(grad_compression=grad_compression)
     grads_and_vars = [(tf.ones_like(v), v) for v in model.trainable_variables]
     all_reduce = tf.function(lambda: strategy.run(model.all_reduced, args=(grads_and_vars,)))
-    all_reduce(), all_reduce()  # traces, connects
+    for _ in range(2):  # traces, then connects the workers
+        all_reduce()
     times = []
     for _ in range(rounds):
         started = time.perf_counter()
