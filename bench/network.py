@@ -124,7 +124,8 @@ def ring_ms(workers: int, wire_bytes: float, bytes_per_second: float) -> float:
 
 def on_two_hosts(state: str, name: str, **kwargs) -> list[dict]:
     """A bench program (bench/programs.py) on w1 and w2 at once, as ranks 0 and 1 of `peers`."""
-    peers = [f"{HOSTS_ENV['HOSTS_SUBNET']}.{11 + rank}:{PROFILE_PORT}" for rank in (0, 1)]
+    addresses = json.loads(Path(state, "hosts.json").read_text())  # what `up` gave each host
+    peers = [f"{addresses[f'w{rank + 1}']}:{PROFILE_PORT}" for rank in (0, 1)]
     env = {**os.environ, **HOSTS_ENV, "HOSTS_DIR": state}
     ranks = [subprocess.Popen(
         [sys.executable, "-m", "cluster.hosts", "exec", f"w{rank + 1}", "--", sys.executable, "-m",

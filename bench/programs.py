@@ -33,6 +33,12 @@ def epoch_timer(keras, seconds: list[float]):
     return EpochTimer()
 
 
+def scaled_arrays(data: str, split: str, rank: int = 0, world: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """A split's images in [0, 1] and one-hot labels, as NumPy arrays (this rank's shards)."""
+    images, labels = D.read_split(data, split, rank=rank, world=world)
+    return images.astype(np.float32) / 255.0, np.eye(D.NUM_CLASSES, dtype=np.float32)[labels]
+
+
 def plain_keras(data: str, threads: int, epochs: int, lib: str = "tf_keras", test: bool = False,
                 batch_size: int = 64) -> dict:
     """The baseline: the reference notebook's way to train. NumPy arrays into `model.fit`, one
@@ -50,19 +56,16 @@ def plain_keras(data: str, threads: int, epochs: int, lib: str = "tf_keras", tes
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     keras.utils.set_random_seed(0)
 
-    def arrays(split):
-        images, labels = D.read_split(data, split)
-        return images.astype(np.float32) / 255.0, np.eye(D.NUM_CLASSES, dtype=np.float32)[labels]
-
     model = seed_cnn(keras.Sequential, keras)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
                   metrics=["accuracy"])
     seconds: list[float] = []
-    model.fit(*arrays("train"), batch_size=batch_size, epochs=epochs, validation_data=arrays("val"),
+    model.fit(*scaled_arrays(data, "train"), batch_size=batch_size, epochs=epochs,
+              validation_data=scaled_arrays(data, "val"),
               verbose=0, callbacks=[epoch_timer(keras, seconds)])
     result = {"epoch_seconds": seconds}
     if test:
-        result["test_accuracy"] = model.evaluate(*arrays("test"), batch_size=1000, verbose=0)[1]
+        result["test_accuracy"] = model.evaluate(*scaled_arrays(data, "test"), batch_size=1000, verbose=0)[1]
     return result
 
 
@@ -202,11 +205,9 @@ def mwms_step(rank: int, peers: list[str], data: str, grad_compression: str, ste
         started = time.perf_counter()
         tf.nest.map_structure(lambda t: t.numpy(), all_reduce())
         times.append((time.perf_counter() - started) * 1000)
-    images, labels = D.read_split(data, "train", rank=rank, world=len(peers))
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    batches = (tf.data.Dataset.from_tensor_slices((images.astype(np.float32) / 255.0,
-                                                   np.eye(D.NUM_CLASSES, dtype=np.float32)[labels]))
+    batches = (tf.data.Dataset.from_tensor_slices(scaled_arrays(data, "train", rank, len(peers)))
                .repeat().batch(batch_size // len(peers)).with_options(options))
     seconds: list[float] = []
     model.fit(batches, steps_per_epoch=steps, epochs=3, verbose=0, callbacks=[epoch_timer(keras, seconds)])

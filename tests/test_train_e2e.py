@@ -280,11 +280,16 @@ def staging(tmp: Path) -> list[str]:
     return [p.name for p in tmp.glob("out.staging-*")]
 
 
-def running_until_its_first_checkpoint(args: list[str], run_dir: Path) -> subprocess.Popen:
-    """`python -m job ARGS`, running, once Ray has registered the checkpoint of epoch 1 (its
-    snapshot file): a checkpoint dir alone may not be registered yet."""
-    proc = subprocess.Popen([sys.executable, "-m", "job", *args], cwd=REPO, start_new_session=True,
+def driver(args: list[str]) -> subprocess.Popen:
+    """`python -m job ARGS` in a session of its own (with its local Ray and workers)."""
+    return subprocess.Popen([sys.executable, "-m", "job", *args], cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def running_until_its_first_checkpoint(args: list[str], run_dir: Path) -> subprocess.Popen:
+    """A driver, running, once Ray has registered the checkpoint of epoch 1 (its snapshot file):
+    a checkpoint dir alone may not be registered yet."""
+    proc = driver(args)
     deadline = time.monotonic() + 300
     while not (run_dir / "checkpoint_manager_snapshot.json").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
@@ -292,10 +297,10 @@ def running_until_its_first_checkpoint(args: list[str], run_dir: Path) -> subpro
     return proc
 
 
-def kill(driver: subprocess.Popen) -> None:
-    """The driver, its local Ray and its workers, at once."""
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+def kill(proc: subprocess.Popen) -> None:
+    """A driver, its local Ray and its workers, at once."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def test_interrupted_run_resumes_a_second_driver_is_refused_and_output_is_never_half_written(
@@ -313,8 +318,7 @@ def test_interrupted_run_resumes_a_second_driver_is_refused_and_output_is_never_
     assert not (tmp_path / "out").exists()
 
     # The rerun resumes and trains to the end; its driver is killed while it writes OUTPUT.
-    proc = subprocess.Popen([sys.executable, "-m", "job", *args], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = driver(args)
     wait_for(lambda: staging(tmp_path) or proc.poll() is not None, "OUTPUT's staging dir", 400)
     kill(proc)
     assert staging(tmp_path), "the driver ended before writing OUTPUT"
