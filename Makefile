@@ -51,7 +51,7 @@ train-local: data
 	$(PY) -m job train --data $(DATA) $(JOB_CHOICES) --output $(OUTPUT) $(FLAGS)
 
 # Costs against plain Keras, collectives per step, time to 0.90, the all-reduce over a 1 Gbit/s
-# link and scaling over 1-3 hosts (as root) -> bench/results.json (36-75 min).
+# link and scaling over 1-3 hosts (as root) -> bench/results.json (50-100 min).
 # Prints the targets it missed; CHECK=1 makes a miss fail.
 bench: setup fashion-mnist-source
 	$(PY) -m bench.run $(if $(CHECK),--check)

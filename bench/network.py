@@ -4,9 +4,10 @@ namespaces), each host's link unshaped and shaped to 1 Gbit/s (tc tbf). Needs ro
 - settings: 2 hosts of 1 CPU, the gradients' all-reduce as today (one float32 pack after the
   backward pass), in packs that start during it (--all-reduce-pack-mb), in 16 bits
   (--grad-compression fp16), and both; 24,000 training images (375 steps of 64), the median of
-  epochs 2..3 (the first traces). Beside them, at each rate, the step's profile: the link's own
-  time for the ring's bytes (plain TCP), TensorFlow's all-reduce of the gradients alone, and the
-  job's step on 2 MWMS workers without Ray (bench/programs.py), float32 and fp16.
+  epochs 2..3 (the first traces), in interleaved rounds (the fastest round counts). Beside them,
+  at each rate, the step's profile: the link's own time for the ring's bytes (plain TCP),
+  TensorFlow's all-reduce of the gradients alone, and the job's step on 2 MWMS workers without
+  Ray (bench/programs.py), float32 and fp16.
 - scaling: 1, 2 and 3 hosts at 60 % of a core each (3 fit this machine's 2 cores beside the
   driver), 48 images a worker a step (as GPUs keep theirs: the global batch grows), 12,000
   training images, epoch 2: per step, the workers' own compute and the rest (the all-reduce and
@@ -15,8 +16,8 @@ namespaces), each host's link unshaped and shaped to 1 Gbit/s (tc tbf). Needs ro
 Beside each, the ring all-reduce's own time at the link's rate, 2 (N - 1) / N x bytes / rate, a
 step; `projection` carries the measured split to 8 and 64 GPUs (docs/benchmarks.md).
 
-    python -m bench.network                 # 15-35 min on 2 cores
-    python -m bench.network --rounds 2      # each setting twice, interleaved
+    python -m bench.network                 # each setting in 2 interleaved rounds, 25-50 min
+    python -m bench.network --rounds 1      # each setting once
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def profile(state: str, data: str, steps: int) -> dict:
     return found
 
 
-def network(source: str, tmp: str, rounds: int = 1) -> dict:
+def network(source: str, tmp: str, rounds: int) -> dict:
     if os.geteuid() != 0:
         return {"skipped": "needs root (network namespaces)"}
     data = f"{tmp}/network-data"
@@ -180,6 +181,8 @@ def network(source: str, tmp: str, rounds: int = 1) -> dict:
         wire = parameters * WIRE_BYTES["fp16" if setting.startswith("fp16") else "float32"]
         table[setting] = {
             **{f"epoch_seconds_{rate}": s for rate, s in seconds.items()},
+            **{f"epoch_seconds_{rate}_by_round": [r["epoch_seconds"] for r in runs[rate][setting]]
+               for rate in RATES},
             "1gbit / unshaped": seconds["1gbit"] / seconds["unshaped"],
             "ms a step added by the 1 Gbit/s link": (seconds["1gbit"] - seconds["unshaped"]) / steps * 1000,
             "ring all-reduce at 1 Gbit/s, ms a step (model)": ring_ms(
@@ -271,7 +274,7 @@ def projection(parameters: int, step_ms: float = GPU_STEP_MS) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=D.default_source(), help="official IDX files")
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the settings")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         settings = network(args.source, tmp, args.rounds)

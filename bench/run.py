@@ -1,6 +1,6 @@
 """`make bench`: what the job costs against plain Keras, and how soon it reaches 0.90, in one run.
 
-    python -m bench.run                     # every group (36-75 min on 2 cores)
+    python -m bench.run                     # every group (50-100 min on 2 cores)
     python -m bench.run --only accuracy     # wall and time to test accuracy 0.90, full data
     python -m bench.run --only speed        # the job against plain Keras on full data (rounds
                                             # interleaved), knobs' epoch-time ratios on a
