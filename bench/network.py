@@ -276,6 +276,8 @@ def main() -> int:
     parser.add_argument("--source", default=D.default_source(), help="official IDX files")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the settings")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1 (got {args.rounds})")
     with tempfile.TemporaryDirectory() as tmp:
         settings = network(args.source, tmp, args.rounds)
         print(json.dumps({"settings": settings, "scaling": scaling(args.source, tmp),

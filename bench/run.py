@@ -13,11 +13,10 @@
 
 Every measurement runs in a fresh process (bench/programs.py, or the job's own CLI) and every
 number comes from this one run on this machine: compare the ratios, machines are noisy. An epoch
-time is the median over epochs 2..3 (the first one traces); where an A/B runs in rounds, each round
-runs every side once (the machine's load moves between rounds) and a side's figure is its fastest
-round. Results go to bench/results.json;
-missed targets are printed (the targets are goals: a missed one is a finding, not a failure,
-unless --check).
+time is the median over epochs 2..3 (the first one traces); where an A/B runs in rounds, each
+round runs every side once (the machine's load moves between rounds) and a side's figure is its
+fastest round. Results go to bench/results.json; missed targets are printed (the targets are
+goals: a missed one is a finding, not a failure, unless --check).
 """
 
 from __future__ import annotations
@@ -259,6 +258,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results.json"))
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1 (got {args.rounds})")
     cores = os.cpu_count()
     results = {"machine": f"{platform.machine()}, {cores} cores, {platform.processor() or '?'}, "
                           f"Python {platform.python_version()}"}
