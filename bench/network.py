@@ -271,13 +271,18 @@ def projection(parameters: int, step_ms: float = GPU_STEP_MS) -> list[dict]:
     return rows
 
 
+def at_least_one(text: str) -> int:
+    """argparse's type for a count of rounds."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 (got {text!r})")
+    return int(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=D.default_source(), help="official IDX files")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the settings")
+    parser.add_argument("--rounds", type=at_least_one, default=2, help="interleaved rounds of the settings")
     args = parser.parse_args()
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1 (got {args.rounds})")
     with tempfile.TemporaryDirectory() as tmp:
         settings = network(args.source, tmp, args.rounds)
         print(json.dumps({"settings": settings, "scaling": scaling(args.source, tmp),

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.network import network, projection, scaling
+from bench.network import at_least_one, network, projection, scaling
 from job import data as D
 from job.driver import RAY_LOGS
 
@@ -95,6 +95,11 @@ def job(data: str, *flags: str, test_curve: bool = False, env: dict | None = Non
         return metrics
 
 
+def sharing_cores(workers: int, cores: int) -> list[str]:
+    """The job's flags for `workers` workers splitting this machine's cores between them."""
+    return ["--num-workers", str(workers), "--cpus-per-worker", str(max(1, cores // workers))]
+
+
 def steady(epoch_seconds: list[float]) -> float:
     return statistics.median(epoch_seconds[1:])
 
@@ -111,8 +116,7 @@ def collectives_run(data: str, cores: int) -> tuple[int, int]:
     """(collectives one worker ran, training steps) in a 1-epoch, 2-worker job, counted from
     TensorFlow's own log of each collective it executes (collective_ops.cc, VLOG 1)."""
     log_env = {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "collective_ops=1"}
-    metrics = job(data, "--epochs", "1", "--num-workers", "2", "--cpus-per-worker",
-                  str(max(1, cores // 2)), "--progress-seconds", "0", env=log_env)
+    metrics = job(data, "--epochs", "1", *sharing_cores(2, cores), "--progress-seconds", "0", env=log_env)
     counts = [sum("ExecuteAsync start" in line for line in path.read_text(errors="replace").splitlines())
               for path in Path(RAY_LOGS).resolve().glob("worker-*.err")]  # of the run just ended
     return max(counts), metrics["optimizer_steps"]
@@ -143,8 +147,7 @@ def full_data_epochs(full: str, cores: int, rounds: int) -> dict:
         for name, workers in FULL_DATA_RUNS.items():
             print(f"speed: full data, {name}, round {round_ + 1} of {rounds}", flush=True)
             if workers:
-                run = job(full, "--epochs", str(SPEED_EPOCHS), "--num-workers", str(workers),
-                          "--cpus-per-worker", str(max(1, cores // workers)))
+                run = job(full, "--epochs", str(SPEED_EPOCHS), *sharing_cores(workers, cores))
             else:
                 run = program("plain-keras", data=full, threads=cores, epochs=SPEED_EPOCHS)
             seconds[name] = steady(run["epoch_seconds"])
@@ -159,15 +162,14 @@ def speed(source: str, tmp: str, subset: str, full: str, cores: int, rounds: int
     """The one-machine A/B on full data, then epoch seconds of plain Keras and of the job in
     several shapes on the subset."""
     full_data = full_data_epochs(full, cores, rounds)
-    half = str(max(1, cores // 2))
+    one, two = sharing_cores(1, cores), sharing_cores(2, cores)
     runs = {  # name: the job's flags
-        "ray_1_worker": ["--num-workers", "1", "--cpus-per-worker", str(cores)],
-        "ray_1_worker_1_step_per_call": ["--num-workers", "1", "--cpus-per-worker", str(cores),
-                                         "--steps-per-execution", "1"],
-        "ray_2_workers": ["--num-workers", "2", "--cpus-per-worker", half],
-        "progress_off": ["--cpus-per-worker", half, "--progress-seconds", "0"],
-        "progress_every_0.5s": ["--cpus-per-worker", half, "--progress-seconds", "0.5"],
-        "default_job_fast": ["--cpus-per-worker", half, "--fast"],
+        "ray_1_worker": one,
+        "ray_1_worker_1_step_per_call": [*one, "--steps-per-execution", "1"],
+        "ray_2_workers": two,
+        "progress_off": [*two, "--progress-seconds", "0"],
+        "progress_every_0.5s": [*two, "--progress-seconds", "0.5"],
+        "default_job_fast": [*two, "--fast"],
     }
     seconds = {}
     for name, lib in (("plain_keras", "tf_keras"), ("plain_keras3", "keras")):
@@ -203,8 +205,7 @@ def time_to_accuracy(full: str, cores: int) -> dict:
                                         "command_seconds": time.perf_counter() - started}}
     for name, flags in {"reference": ["--recipe", "reference"], "fast": ["--fast"]}.items():
         print(f"accuracy: {name} job, full data", flush=True)
-        metrics = job(full, "--cpus-per-worker", str(max(1, cores // 2)), "--keep-checkpoints", "0",
-                      *flags, test_curve=True)
+        metrics = job(full, *sharing_cores(2, cores), "--keep-checkpoints", "0", *flags, test_curve=True)
         reached = [p["epoch"] for p in metrics["test_curve"] if p["test_accuracy"] >= TARGET_ACCURACY]
         result[name] = {
             "test_accuracy": metrics["test_accuracy"], "epochs": metrics["epochs_completed"],
@@ -253,13 +254,11 @@ def main() -> int:
     parser.add_argument("--source", default=D.default_source(), help="official IDX files")
     parser.add_argument("--subset", type=int, default=10000,
                         help="official train images for the speed group (80 %% train / 20 %% val)")
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=at_least_one, default=2,
                         help="rounds of the interleaved A/Bs (full data one machine, network)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results.json"))
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args()
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1 (got {args.rounds})")
     cores = os.cpu_count()
     results = {"machine": f"{platform.machine()}, {cores} cores, {platform.processor() or '?'}, "
                           f"Python {platform.python_version()}"}
